@@ -1,0 +1,205 @@
+"""Command-line interface: ``python -m benchmark {run,list,datasets,report,perf}``.
+
+Errors in options or config files print one line naming the option and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import ConfigError, build_config, load_yaml
+
+logger = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    # every default is None so that YAML values are only overridden by what the user typed
+    p.add_argument("--config", help="a run YAML whose keys are these option names")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="all (default), names, globs ('cam*') or name[k=v,...]; see `list methods`",
+    )
+    p.add_argument("--dataset", help="synthetic (default) | oxford-pet")
+    p.add_argument("--data-root", help="dataset folder (Oxford-IIIT Pet layout)")
+    p.add_argument("--preset", help="paper | quick (default) | tiny")
+    p.add_argument("--seeds", type=int, help="number of repetitions (default 1)")
+    p.add_argument("--base-seed", type=int, help="seed every run seed derives from (default 0)")
+    p.add_argument("--split", help="official (default) | weaktr_refinery")
+    p.add_argument("--val-fraction", type=float, help="validation share of train (default 0.15)")
+    p.add_argument("--budget-minutes", type=float, help="wall-clock cap per method run")
+    p.add_argument("--max-epochs", type=int, help="epoch cap per training stage")
+    p.add_argument("--segmenter-epochs", type=int, help="epochs of the shared segmenter")
+    p.add_argument("--segmenter", help="lraspp (default) | unet")
+    p.add_argument("--gt-ratio", type=float, help="share of train pseudo masks replaced by GT")
+    p.add_argument("--threshold", type=float, help="fixed threshold instead of the val sweep")
+    p.add_argument("--convention", help="pet (default) | pet_with_border | weaktr_refinery")
+    p.add_argument("--image-size", type=int, help="working resolution (default: the preset's)")
+    p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
+    p.add_argument("--out", help="output folder (default runs/default)")
+    p.add_argument("--force", action="store_true", default=None, help="recompute every stage")
+    p.add_argument(
+        "--no-report", dest="report", action="store_false", default=None, help="skip the report"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every subcommand."""
+    parser = _Parser(
+        prog="python -m benchmark",
+        description="wsss-bench: weakly-supervised segmentation methods under one evaluator, "
+        "identical splits and equal budgets.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p_run = sub.add_parser("run", help="run methods and references, store rows, write a report")
+    _add_run_options(p_run)
+
+    p_list = sub.add_parser("list", help="list registered methods, datasets or presets")
+    p_list.add_argument("what", choices=["methods", "datasets", "conventions", "splits"])
+
+    p_data = sub.add_parser("datasets", help="dataset tools")
+    data_sub = p_data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    p_check = data_sub.add_parser("check", help="report images found, usable, excluded, splits")
+    p_check.add_argument("--dataset", default="oxford_pet")
+    p_check.add_argument("--root", help="dataset folder")
+    p_check.add_argument("--preset", default="quick", help="synthetic preset")
+    p_check.add_argument("--json", action="store_true", help="print JSON")
+
+    p_rep = sub.add_parser("report", help="rebuild report.md, tables and figures from rows")
+    p_rep.add_argument("--out", default="runs/default", help="the run folder to read")
+    p_rep.add_argument("--report-dir", help="where to write (default OUT/report)")
+
+    sub.add_parser("perf", help="time hot paths against baselines (ratios)", add_help=False)
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("PIL", "matplotlib", "fontTools", "optuna", "timm", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _cmd_list(what: str) -> int:
+    if what == "methods":
+        from methods import get_method, list_methods
+
+        for name in list_methods():
+            cls = get_method(name)
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            print(f"{name:18s} {cls.kind:9s} {doc[0] if doc else ''}")
+    elif what == "datasets":
+        from datasets import get_dataset, list_datasets
+
+        for name in list_datasets():
+            cls = get_dataset(name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            print(f"{name:14s} {doc[0] if doc else ''}")
+    elif what == "conventions":
+        from datasets import CONVENTIONS
+
+        print("\n".join(CONVENTIONS))
+    else:
+        from datasets import SPLIT_SCHEMES
+
+        print("\n".join(SPLIT_SCHEMES))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    import datasets
+
+    params: dict[str, Any] = {}
+    if args.root:
+        params["root"] = Path(args.root)
+    if args.dataset.replace("-", "_") == "synthetic":
+        params["preset"] = args.preset
+    try:
+        ds = datasets.create_dataset(args.dataset, **params)
+    except (datasets.DatasetError, KeyError) as exc:
+        print(f"error: {exc}".strip(), file=sys.stderr)
+        return 2
+    info = ds.check()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"dataset      {info['dataset']}  ({info['root']})")
+    print(f"image files  {info['image_files']}")
+    print(f"usable       {info['usable']}")
+    print(f"classes      {info['num_classes']}: {', '.join(map(str, info['classes']))}")
+    print(f"splits       {info['splits']}")
+    print(f"excluded     {len(info['excluded'])}")
+    for e in info["excluded"]:
+        print(f"  - {e['name']} ({e['file']}): {e['reason']}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from benchmark import runner
+
+    cli = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "verbose") and v is not None
+    }
+    yaml_values = load_yaml(args.config) if args.config else {}
+    cfg = build_config(yaml_values, cli)
+    runner.expand_methods(cfg.methods)  # fail fast on unknown names (exit 2)
+    runner.resolve_device(cfg.device)
+    rows = runner.run(cfg)
+    from reports import main_table_text, write_report
+
+    print(main_table_text(rows, cfg.convention))
+    if cfg.report:
+        path = write_report(Path(cfg.out))
+        print(f"\nreport: {path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from reports import write_report
+
+    path = write_report(Path(args.out), Path(args.report_dir) if args.report_dir else None)
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "perf":
+        from benchmark import perf
+
+        return perf.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "list":
+            return _cmd_list(args.what)
+        if args.command == "datasets":
+            if args.data_command != "check":
+                parser.parse_args(["datasets", "--help"])
+            return _cmd_check(args)
+        if args.command == "report":
+            return _cmd_report(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 0

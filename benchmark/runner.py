@@ -1,0 +1,651 @@
+"""The runner: methods x datasets x seeds, equal budgets, cached stages, tidy result rows.
+
+For each run (dataset, method, repetition) the runner:
+
+1. fits the method on the train images and image-level labels (budgeted; its internal stages
+   are cached through :class:`RunContext.stage`),
+2. computes soft maps for train / val / test (stored as float16 memory-mapped .npy files),
+3. chooses the threshold on the validation maps with the one-pass sweep (or uses a fixed one),
+4. makes pseudo masks for the train images (a seeded, nested ``gt_ratio`` share replaced by GT),
+5. trains the shared segmenter on them (same recipe and epochs for every method),
+6. evaluates pseudo masks (train GT), maps (val, test GT) and the segmenter (test GT) with the one
+   evaluator, under every trimap convention, and writes tidy rows.
+
+Every stage output is content-addressed and written atomically with a completion marker, so a
+re-run skips finished stages and a killed run loses at most the stage in flight. A failing method
+is recorded with status ``error`` (reason and traceback file) and never stops the others.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import datasets
+from benchmark import cache as bcache
+from benchmark.accounting import measure
+from benchmark.config import ConfigError, RunConfig
+from benchmark.evaluate import METRICS, Evaluator, ThresholdSweep
+from benchmark.store import now_iso, provenance, write_per_image, write_rows
+from methods import create_method, list_methods
+from methods.base import Context, ImageSet, Method, parse_spec, seed_everything
+from methods.common.segmenter import (
+    SEGMENTER_PRESETS,
+    SegmenterConfig,
+    build_segmenter,
+    predict_segmenter,
+    train_segmenter,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP_BINS = 100  # threshold grid resolution of the validation sweep (0.01)
+MAP_BATCH = 64  # images per localize() call
+
+
+def progress(iterable: Any, **kwargs: Any) -> Any:
+    """A tqdm bar on a terminal, the bare iterable otherwise (logs and CI stay clean)."""
+    if not sys.stderr.isatty() or os.environ.get("CI"):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, leave=False, **kwargs)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; other names are checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: CUDA was requested but torch sees no CUDA device")
+    return device
+
+
+def expand_methods(specs: list[str]) -> list[str]:
+    """Expand ``all``, names, globs and ``name[k=v]`` specs to a de-duplicated list."""
+    out: list[str] = []
+    known = list_methods()
+    for spec in specs:
+        for part in _split_specs(spec):
+            if part == "all":
+                matched = known
+            elif "[" in part:
+                name, _ = parse_spec(part)
+                if name not in known:
+                    raise ConfigError(
+                        f"--methods: unknown method {name!r}; valid: {', '.join(known)}"
+                    )
+                matched = [part]
+            elif any(ch in part for ch in "*?"):
+                matched = fnmatch.filter(known, part)
+                if not matched:
+                    raise ConfigError(f"--methods: {part!r} matches no method of {known}")
+            elif part in known:
+                matched = [part]
+            else:
+                raise ConfigError(f"--methods: unknown method {part!r}; valid: {', '.join(known)}")
+            out.extend(m for m in matched if m not in out)
+    return out
+
+
+def _split_specs(spec: str) -> list[str]:
+    """Split ``a,b[k=1,j=2],c`` at top-level commas."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def derive_seed(base: int, dataset: str, method: str, repetition: int) -> int:
+    """A per-run seed from (base seed, dataset, method, repetition)."""
+    text = f"{base}|{dataset}|{method}|{repetition}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") % (2**31 - 1)
+
+
+def code_version(method_cls: type[Method]) -> str:
+    """Hash of the source that determines a method's outputs (its module, shared blocks, data)."""
+    files = [Path(sys.modules[method_cls.__module__].__file__ or "")]
+    for folder in (REPO / "methods" / "common", REPO / "datasets"):
+        files.extend(sorted(folder.glob("*.py")))
+    files += [REPO / "methods" / "base.py", REPO / "benchmark" / "runner.py"]
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# ---- the context the runner gives methods ------------------------------------------------------
+@dataclass
+class RunContext(Context):
+    """A Context that caches internal stages, enforces the budget and records stage costs."""
+
+    stage_dir: Path = field(default_factory=lambda: Path("."))
+    budget_s: float | None = None
+    force: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prefix: str = ""
+
+    def should_continue(self) -> bool:
+        """False once the run's wall-clock budget is spent (then the run's status is budget)."""
+        if self.budget_s is not None and time.perf_counter() - self.started > self.budget_s:
+            if not self.budget_hit:
+                logger.info("budget of %.0f s spent: stopping training", self.budget_s)
+            self.budget_hit = True
+            return False
+        return True
+
+    def stage(
+        self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Reuse the cached stage ``name`` when complete and intact, else compute and save it."""
+        path = self.stage_dir / f"{self.prefix}{name}.pt"
+        info = None if self.force else bcache.read_marker(path)
+        if info is not None:
+            try:
+                tensors = bcache.load_tensors(path)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("cannot load cached stage %s (%s); recomputing", path, exc)
+            else:
+                meta = info.get("meta", {})
+                self.budget_hit = self.budget_hit or bool(meta.get("budget_hit"))
+                self.costs[name] = {**meta.get("cost", {}), "reused": True}
+                logger.info("stage %s: reused %s", name, path)
+                return tensors
+        bcache.invalidate(path)
+        before = self.budget_hit
+        self.budget_hit = False
+        with measure(self.device) as cost:
+            tensors = compute()
+        hit = self.budget_hit
+        self.budget_hit = before or hit
+        bcache.save_tensors(path, tensors, {"cost": cost.to_dict(), "budget_hit": hit})
+        self.costs[name] = {**cost.to_dict(), "reused": False}
+        return tensors
+
+
+# ---- data shared by every run -------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    """The dataset, its split, the image cache and the ImageSets of each split."""
+
+    dataset: Any
+    split: Any
+    cache: Any
+    index: dict[str, np.ndarray]
+    size: int
+
+    def imageset(self, part: str, masks: bool = False) -> ImageSet:
+        """The ImageSet of a split part (masks in the ``pet`` convention only when asked)."""
+        idx = self.index[part]
+        contiguous = len(idx) and np.all(np.diff(idx) == 1)
+        sel: Any = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
+        return ImageSet(
+            images=self.cache.images[sel],
+            labels=np.asarray(self.cache.labels)[sel],
+            num_classes=self.dataset.num_classes,
+            names=[self.cache.names[i] for i in idx],
+            masks=np.asarray(self.cache.masks("pet"))[sel] if masks else None,
+        )
+
+    def orig_masks(self, part: str, convention: str) -> Iterator[np.ndarray]:
+        """Original-resolution GT masks of a split part under a convention."""
+        for i in self.index[part]:
+            yield self.cache.orig_mask(int(i), convention)
+
+
+def prepare_data(cfg: RunConfig) -> DataBundle:
+    """Load (or generate) the dataset, make and save the split, build the image cache."""
+    out = Path(cfg.out)
+    params: dict[str, Any] = {}
+    if cfg.dataset == "synthetic":
+        params["preset"] = "tiny" if cfg.preset == "tiny" else "quick"
+        if cfg.data_root is None:
+            params["root"] = out / "data" / f"synthetic-{params['preset']}"
+    if cfg.data_root is not None:
+        params["root"] = Path(cfg.data_root)
+    dataset = datasets.create_dataset(cfg.dataset, **params)
+    for exc in dataset.exclusions:
+        logger.warning("excluded %s (%s): %s", exc.name, exc.file, exc.reason)
+    split = datasets.make_split(
+        dataset, scheme=cfg.split, val_fraction=cfg.val_fraction, seed=cfg.base_seed
+    )
+    split.save(out / "splits" / f"{cfg.dataset}-{cfg.split}-{split.sha256[:12]}.json")
+    names = list(split.train) + list(split.val) + list(split.test)
+    cache = datasets.build_cache(dataset, names, cfg.size, out / "cache")
+    position = {n: i for i, n in enumerate(cache.names)}
+    index = {
+        part: np.array([position[n] for n in getattr(split, part)], dtype=np.int64)
+        for part in ("train", "val", "test")
+    }
+    return DataBundle(dataset=dataset, split=split, cache=cache, index=index, size=cfg.size)
+
+
+# ---- helpers of one run -------------------------------------------------------------------------
+def positive_map(soft: np.ndarray, convention: str) -> np.ndarray:
+    """The soft map of the convention's positive class: 1 - pet map for ``weaktr_refinery``."""
+    return 1.0 - soft if convention == "weaktr_refinery" else soft
+
+
+def gt_subset(n: int, ratio: float, key: str) -> np.ndarray:
+    """Indices of the ``ratio`` share of ``n`` images whose pseudo masks are replaced by GT.
+
+    A seeded permutation (by ``key``: split hash and base seed) is cut at round(ratio * n), so
+    the subsets are nested as the ratio grows and identical for every method.
+    """
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: int(round(ratio * n))])
+
+
+def compute_maps(
+    method: Method, images: ImageSet, ctx: Context, path: Path, force: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Maps (N, C, h, w) of a split, float16 memory-mapped, cached with a marker."""
+    info = None if force else bcache.read_marker(path)
+    if info is not None:
+        return bcache.load_array(path), {**info.get("meta", {}).get("cost", {}), "reused": True}
+    bcache.invalidate(path)
+    chunks = []
+    with measure(ctx.device) as cost:
+        for batch in progress(images.batches(MAP_BATCH), desc=f"maps {path.stem}", unit="batch"):
+            maps = method.localize(batch, ctx)
+            maps = method.refine(batch, maps, ctx)
+            maps = np.asarray(maps, dtype=np.float32)
+            if maps.ndim != 4 or maps.shape[0] != len(batch):
+                raise ValueError(f"{method.name}: localize returned shape {maps.shape}")
+            if not np.isfinite(maps).all():
+                raise FloatingPointError(f"{method.name}: maps contain NaN or inf")
+            chunks.append(np.clip(maps, 0.0, 1.0).astype(np.float16))
+    array = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 1), np.float16)
+    bcache.save_array(path, array, {"cost": cost.to_dict()})
+    return bcache.load_array(path), {**cost.to_dict(), "reused": False}
+
+
+def choose_threshold(
+    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str
+) -> tuple[float, pd.DataFrame]:
+    """The threshold of best validation IoU (one-pass sweep) and the validation curve."""
+    sweep = ThresholdSweep(n_bins=SWEEP_BINS)
+    for soft, gt in zip(maps, masks):
+        sweep.add(positive_map(soft[0].astype(np.float32), convention), gt)
+    counts = sweep.counts()
+    best_t, _ = counts.best("iou")
+    curve = pd.DataFrame(
+        {"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}}
+    )
+    return float(best_t), curve
+
+
+def evaluate_soft(
+    maps: np.ndarray,
+    masks: Iterator[np.ndarray],
+    names: list[str],
+    threshold: float,
+    convention: str,
+    replaced: set[int] | None = None,
+) -> Evaluator:
+    """Evaluate soft pet maps at a threshold under a convention (original-resolution GT).
+
+    Images in ``replaced`` (the gt_ratio share) are scored with their GT as prediction, since
+    that is the pseudo mask the segmenter really sees.
+    """
+    ev = Evaluator()
+    for i, (soft, gt) in enumerate(zip(maps, masks)):
+        if replaced and i in replaced:
+            ev.add(np.where(gt == 255, 0, gt).astype(np.uint8), gt, name=names[i])
+        else:
+            pos = positive_map(soft[0].astype(np.float32), convention)
+            ev.add_map(pos, gt, threshold, name=names[i])
+    return ev
+
+
+def pseudo_masks(
+    maps: np.ndarray,
+    threshold: float,
+    convention: str,
+    gt_masks: np.ndarray,
+    replaced: np.ndarray,
+    from_gt: bool,
+) -> np.ndarray:
+    """Pet pseudo masks (N, S, S) uint8 {0, 1, 255} at the working resolution."""
+    if from_gt:
+        return np.asarray(gt_masks).copy()
+    soft = maps[:, 0].astype(np.float32)
+    if soft.shape[1:] != gt_masks.shape[1:]:
+        t = torch.from_numpy(soft)[:, None]
+        t = torch.nn.functional.interpolate(
+            t, size=gt_masks.shape[1:], mode="bilinear", align_corners=False
+        )
+        soft = t[:, 0].numpy()
+    pos = positive_map(soft, convention) >= threshold
+    pet = ~pos if convention == "weaktr_refinery" else pos
+    out = pet.astype(np.uint8)
+    if len(replaced):
+        out[replaced] = np.asarray(gt_masks)[replaced]
+    return out
+
+
+# ---- one run ----------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    """One (dataset, method, repetition) to run."""
+
+    method_spec: str
+    repetition: int
+
+
+class Runner:
+    """Runs every RunSpec of a RunConfig on a prepared DataBundle."""
+
+    def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.bundle = bundle or prepare_data(cfg)
+        seg_values = dict(SEGMENTER_PRESETS.get(cfg.preset, {}))
+        seg_values["arch"] = cfg.segmenter
+        if cfg.segmenter_epochs is not None:
+            seg_values["epochs"] = cfg.segmenter_epochs
+        self.segmenter_config = SegmenterConfig(**seg_values)
+
+    def specs(self) -> list[RunSpec]:
+        """Methods x repetitions."""
+        methods = expand_methods(self.cfg.methods)
+        return [RunSpec(m, r) for m in methods for r in range(self.cfg.seeds)]
+
+    def run_all(self) -> pd.DataFrame:
+        """Run every spec; a failing one is recorded and the others go on."""
+        frames = []
+        for spec in progress(self.specs(), desc="runs", unit="run"):
+            frames.append(pd.DataFrame(self.run_one(spec)))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    # .. keys ..................................................................................
+    def _base_row(self, method: Method, spec: RunSpec, seed: int) -> dict[str, Any]:
+        b, cfg = self.bundle, self.cfg
+        return {
+            "method": method.name,
+            "method_id": method.identity(),
+            "kind": method.kind,
+            "preset": cfg.preset,
+            "params": _json(method.params()),
+            "dataset": cfg.dataset,
+            "data_fingerprint": b.dataset.fingerprint()[:16],
+            "split_scheme": cfg.split,
+            "split_sha256": b.split.sha256,
+            "repetition": spec.repetition,
+            "seed": seed,
+            "gt_ratio": cfg.gt_ratio,
+            "image_size": b.size,
+            "segmenter": self.segmenter_config.arch,
+            "segmenter_epochs": self.segmenter_config.epochs,
+            "budget_minutes": cfg.budget_minutes,
+            "device": str(self.device),
+            "date": now_iso(),
+            **{f"v_{k}": v for k, v in provenance().items()},
+        }
+
+    def run_one(self, spec: RunSpec) -> list[dict[str, Any]]:
+        """Run one method repetition; returns (and stores) its rows, whatever happens."""
+        cfg, b = self.cfg, self.bundle
+        method = create_method(spec.method_spec, preset=cfg.preset)
+        seed = derive_seed(cfg.base_seed, cfg.dataset, method.identity(), spec.repetition)
+        base = self._base_row(method, spec, seed)
+        run_key = bcache.stable_hash(
+            {
+                "data": b.dataset.fingerprint(),
+                "split": b.split.sha256,
+                "size": b.size,
+                "method": method.cache_key(),
+                "seed": seed,
+                "code": code_version(type(method)),
+                "budget": cfg.budget_minutes,
+                "max_epochs": cfg.max_epochs,
+                "device": self.device.type,
+                "amp": cfg.amp,
+            }
+        )
+        run_dir = self.out / "runs" / method.name / run_key
+        (run_dir / "work").mkdir(parents=True, exist_ok=True)
+        seg_key = bcache.stable_hash(
+            {
+                "seg": self.segmenter_config.__dict__,
+                "gt_ratio": cfg.gt_ratio,
+                "threshold": cfg.threshold,
+                "convention": cfg.convention,
+            },
+            10,
+        )
+        rows_key = f"{method.name}-{run_key}-{seg_key}"
+        ctx = RunContext(
+            device=self.device,
+            seed=seed,
+            workdir=run_dir / "work",
+            max_epochs=cfg.max_epochs,
+            amp=cfg.amp,
+            progress=sys.stderr.isatty(),
+            stage_dir=run_dir / "stages",
+            budget_s=None if cfg.budget_minutes is None else cfg.budget_minutes * 60.0,
+            force=cfg.force,
+        )
+        base["run_key"] = run_key
+        logger.info("run %s (seed %d) -> %s", method.identity(), seed, run_dir)
+        try:
+            rows = self._execute(method, ctx, run_dir, base, seg_key)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing method never stops the others
+            tb = run_dir / "error.txt"
+            bcache.atomic_write_text(tb, traceback.format_exc())
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            logger.error("%s failed: %s (traceback: %s)", method.identity(), reason, tb)
+            rows = [
+                {
+                    **base,
+                    "status": "error",
+                    "reason": reason,
+                    "traceback": str(tb),
+                    "stage": "run",
+                    "split": "",
+                    "convention": cfg.convention,
+                    "aggregation": "",
+                    "metric": "status",
+                    "value": float("nan"),
+                    "threshold": float("nan"),
+                }
+            ]
+        write_rows(self.out, rows_key, rows)
+        return rows
+
+    def _execute(
+        self, method: Method, ctx: RunContext, run_dir: Path, base: dict[str, Any], seg_key: str
+    ) -> list[dict[str, Any]]:
+        cfg, b = self.cfg, self.bundle
+        seed_everything(ctx.seed)
+        train = b.imageset("train", masks=method.uses_masks)
+
+        with measure(self.device) as fit_cost:
+            method.fit(train, ctx)
+        # internal stages carry their original cost when reused; "fit" is this call's cost
+        stage_costs: dict[str, dict[str, Any]] = {f"fit:{k}": v for k, v in ctx.costs.items()}
+        fit_reused = bool(ctx.costs) and all(c.get("reused") for c in ctx.costs.values())
+        stage_costs["fit"] = {**fit_cost.to_dict(), "reused": fit_reused}
+
+        maps: dict[str, np.ndarray] = {}
+        for part in ("train", "val", "test"):
+            images = b.imageset(part, masks=method.uses_masks)
+            maps[part], stage_costs[f"maps_{part}"] = compute_maps(
+                method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force
+            )
+
+        # threshold: fixed (method or option) or chosen on validation, never on test
+        curve = None
+        if cfg.threshold is not None:
+            threshold, source = cfg.threshold, "fixed"
+        elif method.fixed_threshold is not None:
+            threshold, source = method.fixed_threshold, "method"
+        else:
+            threshold, curve = choose_threshold(
+                maps["val"], b.orig_masks("val", cfg.convention), cfg.convention
+            )
+            source = "val_sweep"
+
+        n_train = len(b.index["train"])
+        replaced = gt_subset(n_train, cfg.gt_ratio, f"{b.split.sha256}|{cfg.base_seed}")
+        pet_train = np.asarray(b.cache.masks("pet"))[b.index["train"]]
+        pseudo = pseudo_masks(
+            maps["train"],
+            threshold,
+            cfg.convention,
+            pet_train,
+            replaced,
+            getattr(method, "pseudo_from_gt", False),
+        )
+
+        # the shared segmenter, identical for every method
+        seg_ctx = RunContext(
+            device=self.device,
+            seed=ctx.seed,
+            workdir=ctx.workdir,
+            amp=ctx.amp,
+            progress=ctx.progress,
+            stage_dir=run_dir / "stages",
+            force=cfg.force,
+            prefix=f"segmenter-{seg_key}-",
+        )
+        images_train = b.imageset("train")
+        seg_config = self.segmenter_config
+        state = seg_ctx.stage(
+            "train",
+            lambda: train_segmenter(
+                np.asarray(images_train.images), pseudo, seg_config, seg_ctx
+            ),
+        )
+        stage_costs["segmenter"] = seg_ctx.costs["train"]
+        model = build_segmenter(seg_config)
+        model.load_state_dict(state)
+        model.to(self.device).eval()
+        test = b.imageset("test")
+        pred_path = run_dir / "preds" / f"segmenter-{seg_key}-test.npy"
+        if not cfg.force and bcache.read_marker(pred_path) is not None:
+            preds = bcache.load_array(pred_path)
+        else:
+            with measure(self.device) as pred_cost:
+                preds = predict_segmenter(model, np.asarray(test.images), seg_ctx)
+            bcache.save_array(pred_path, preds.astype(np.float16), {"cost": pred_cost.to_dict()})
+            stage_costs["segmenter_predict"] = {**pred_cost.to_dict(), "reused": False}
+
+        status = "budget" if ctx.budget_hit else "done"
+        reason = "cut by its budget; partial result kept" if ctx.budget_hit else ""
+        common = {**base, "status": status, "reason": reason, "threshold": threshold,
+                  "threshold_source": source, "n_gt_replaced": len(replaced)}
+        rows: list[dict[str, Any]] = []
+        per_image: list[pd.DataFrame] = []
+        names = {p: [b.cache.names[i] for i in b.index[p]] for p in ("train", "val", "test")}
+        rep = set(int(i) for i in replaced)
+        if getattr(method, "pseudo_from_gt", False):
+            rep = set(range(n_train))
+        for convention in datasets.CONVENTIONS:
+            evaluations = {
+                ("pseudo", "train"): evaluate_soft(
+                    maps["train"], b.orig_masks("train", convention), names["train"],
+                    _convert_threshold(threshold, cfg.convention, convention), convention, rep,
+                ),
+                ("maps", "test"): evaluate_soft(
+                    maps["test"], b.orig_masks("test", convention), names["test"],
+                    _convert_threshold(threshold, cfg.convention, convention), convention,
+                ),
+                ("segmenter", "test"): evaluate_soft(
+                    preds, b.orig_masks("test", convention), names["test"], 0.5, convention
+                ),
+            }
+            for (stage, part), ev in evaluations.items():
+                for aggregation, values in (
+                    ("dataset", ev.dataset_metrics()),
+                    ("image_mean", ev.mean_image_metrics()),
+                ):
+                    for metric in (*METRICS, "miou"):
+                        if metric in values:
+                            rows.append({**common, "stage": stage, "split": part,
+                                         "convention": convention, "aggregation": aggregation,
+                                         "metric": metric, "value": float(values[metric])})
+                frame = ev.per_image()
+                frame.insert(0, "convention", convention)
+                frame.insert(0, "split", part)
+                frame.insert(0, "stage", stage)
+                per_image.append(frame)
+        for stage, cost in stage_costs.items():
+            for metric, value in cost.items():
+                if metric == "reused":
+                    continue
+                rows.append({**common, "stage": stage, "split": "", "convention": "",
+                             "aggregation": "cost", "metric": metric, "value": float(value),
+                             "reused": bool(cost.get("reused", False))})
+        frame = pd.concat(per_image, ignore_index=True)
+        frame.insert(0, "method_id", base["method_id"])
+        frame.insert(1, "seed", base["seed"])
+        frame.insert(2, "run_key", base["run_key"])
+        write_per_image(self.out, f"{method.name}-{base['run_key']}-{seg_key}", frame)
+        if curve is not None:
+            curve.insert(0, "method_id", base["method_id"])
+            curve.insert(1, "seed", base["seed"])
+            curve_path = self.out / "results" / "curves" / f"{base['run_key']}.parquet"
+            curve_path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=curve_path.parent, delete=False) as tmp:
+                curve.to_parquet(tmp.name, index=False)
+            os.replace(tmp.name, curve_path)
+        return rows
+
+
+def _convert_threshold(threshold: float, source: str, target: str) -> float:
+    """A threshold chosen on one convention's positive map, expressed on another's.
+
+    Under ``weaktr_refinery`` the positive map is 1 - pet map, so ``pos >= t`` there equals
+    ``pet <= 1 - t``; we use ``1 - t`` (ties at exactly the threshold are negligible).
+    """
+    inverted = (source == "weaktr_refinery") != (target == "weaktr_refinery")
+    return 1.0 - threshold if inverted else threshold
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def run(cfg: RunConfig) -> pd.DataFrame:
+    """Run everything a RunConfig asks for; returns all rows of this invocation."""
+    runner = Runner(cfg)
+    return runner.run_all()

@@ -1,0 +1,115 @@
+"""The result store: tidy rows, one parquet file per run, read back with one function.
+
+Each run writes its rows to ``<out>/results/rows/<run_key>.parquet`` and its per-image values to
+``<out>/results/per_image/<run_key>.parquet``, atomically (temporary file + rename). Several
+processes may therefore append at once without losing a row: they never write the same file
+unless they computed the same run, in which case the last identical write wins. Files are parsed
+as parquet (data, never code), so a results folder written by another user is safe to read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import platform
+import subprocess
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmark.cache import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+ROWS = "rows"
+PER_IMAGE = "per_image"
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_rows(out: Path, run_key: str, rows: list[dict[str, Any]]) -> Path:
+    """Write one run's result rows (replacing an earlier write of the same run)."""
+    path = Path(out) / "results" / ROWS / f"{run_key}.parquet"
+    frame = pd.DataFrame(rows)
+    _write_parquet(path, frame)
+    return path
+
+
+def write_per_image(out: Path, run_key: str, frame: pd.DataFrame) -> Path:
+    """Write one run's per-image values (for bootstrap intervals and paired tests)."""
+    path = Path(out) / "results" / PER_IMAGE / f"{run_key}.parquet"
+    _write_parquet(path, frame)
+    return path
+
+
+def _read_folder(folder: Path) -> pd.DataFrame:
+    frames = []
+    for path in sorted(folder.glob("*.parquet")):
+        try:
+            frames.append(pd.read_parquet(path))
+        except Exception as exc:  # noqa: BLE001 - a bad file must not hide the others
+            logger.warning("skipping unreadable result file %s: %s", path, exc)
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_results(out: str | Path) -> pd.DataFrame:
+    """Every stored result row under ``out`` as one tidy DataFrame."""
+    return _read_folder(Path(out) / "results" / ROWS)
+
+
+def read_per_image(out: str | Path) -> pd.DataFrame:
+    """Every stored per-image value under ``out``."""
+    return _read_folder(Path(out) / "results" / PER_IMAGE)
+
+
+@lru_cache(maxsize=1)
+def provenance() -> dict[str, str]:
+    """Package versions, git commit and host facts shared by every row of this process."""
+    import numpy
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "host": platform.node(),
+    }
+    for name in ("torchvision", "timm", "optuna", "pandas"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except ImportError:
+            info[name] = "absent"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        ).stdout.strip()
+        info["git_commit"] = (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["git_commit"] = "unknown"
+    return info
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,306 @@
+"""The method contract: what every WSSS method implements, and the registry that finds it.
+
+A method is one class in one module of this package, registered with ``@register_method``.
+The runner (``benchmark.runner``) calls, in order:
+
+1. ``fit(train, ctx)``: learn from images and image-level labels only. ``train.masks`` is
+   ``None`` unless the method is a reference that declares ``uses_masks = True``.
+2. ``localize(batch, ctx) -> maps``: soft maps of shape (N, C, h, w) in [0, 1], float32.
+   For single-label datasets (Oxford-IIIT Pet) C = 1: the map of the image's label class
+   (the pet, whatever its breed). Multi-label datasets give one channel per class, absent
+   classes zero.
+3. ``refine(batch, maps, ctx) -> maps``: optional refinement; the default is the identity.
+
+Methods never compute metrics, never read the clock and never write outside ``ctx.workdir``.
+Training loops call ``ctx.should_continue()`` once per step and stop when it returns False.
+Internal stages (a classifier, an affinity network, ...) go through ``ctx.stage(name, fn)``
+so that the runner can cache, time and resume each of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("paper", "quick", "tiny")
+
+
+@dataclass
+class ImageSet:
+    """What a method sees of a split: images and image-level labels, never masks by default.
+
+    Attributes:
+        images: (N, H, W, 3) uint8 images at the working resolution (often a memory map).
+        labels: (N,) int64 class index of each image (0-based).
+        num_classes: number of image-level classes.
+        names: image identifiers, in the order of ``images``.
+        masks: (N, H, W) uint8 masks (0 background, 1 pet, 255 ignore) at the working
+            resolution; only given to methods with ``uses_masks = True`` (the references).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    names: list[str]
+    masks: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def subset(self, index: slice | np.ndarray | list[int]) -> ImageSet:
+        """Return the images selected by ``index`` (a slice keeps memory maps lazy)."""
+        if isinstance(index, slice):
+            names = self.names[index]
+        else:
+            index = np.asarray(index, dtype=np.int64)
+            names = [self.names[i] for i in index]
+        return ImageSet(
+            images=self.images[index],
+            labels=np.asarray(self.labels)[index],
+            num_classes=self.num_classes,
+            names=names,
+            masks=None if self.masks is None else self.masks[index],
+        )
+
+    def batches(self, batch_size: int) -> list[ImageSet]:
+        """Split into consecutive batches of at most ``batch_size`` images."""
+        return [
+            self.subset(slice(i, min(i + batch_size, len(self))))
+            for i in range(0, len(self), batch_size)
+        ]
+
+
+@dataclass
+class Context:
+    """What the runner gives a method: device, seed, work folder, budget and stage cache.
+
+    The default implementation runs every stage (no cache) and never stops; the runner
+    passes a subclass that caches stages and enforces the budget.
+
+    Attributes:
+        device: the torch device to train and infer on.
+        seed: the seed of this run; methods seed their own generators from it.
+        workdir: the only folder a method may write to.
+        max_epochs: optional cap on epochs per stage (the budget's epoch cap).
+        amp: use autocast (bf16) on CUDA where the method supports it.
+        progress: whether methods may show progress bars.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    workdir: Path = field(default_factory=lambda: Path("."))
+    max_epochs: int | None = None
+    amp: bool = False
+    progress: bool = False
+    budget_hit: bool = False
+
+    def should_continue(self) -> bool:
+        """Return False once the run's budget is spent. Call once per training step."""
+        return True
+
+    def epochs(self, wanted: int) -> int:
+        """The number of epochs a stage may run: ``wanted`` capped by the budget's epoch cap."""
+        return wanted if self.max_epochs is None else min(wanted, self.max_epochs)
+
+    def stage(
+        self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Run (or reuse) an internal stage whose result is a dict of tensors.
+
+        Args:
+            name: the stage name, unique within the method (``classifier``, ``affinity``).
+            compute: builds the stage's result; only called when no cached result exists.
+
+        Returns:
+            The stage's tensors (a state dict, maps, flags).
+        """
+        return compute()
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU torch generator seeded from the run seed (plus ``offset``)."""
+        g = torch.Generator()
+        g.manual_seed(int(self.seed) * 1000003 + offset)
+        return g
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch, and ask torch for deterministic CPU kernels."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Method:
+    """Base class of every method. Subclasses set ``name``, ``Config`` and ``presets``.
+
+    Attributes:
+        name: the registry name (``cam``, ``cam_affinitynet``, ...).
+        Config: a frozen dataclass; its defaults are the paper's settings.
+        presets: overrides of the defaults per preset (``paper`` is usually empty).
+        uses_masks: True for references that read GT masks (``supervised``, ``centre_prior``).
+        kind: ``method`` or ``reference`` (references are set apart in tables).
+        fixed_threshold: a threshold to use instead of a validation sweep (binary maps).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    uses_masks: ClassVar[bool] = False
+    kind: ClassVar[str] = "method"
+    fixed_threshold: ClassVar[float | None] = None
+
+    def __init__(self, config: Any | None = None, preset: str = "paper") -> None:
+        self.preset = preset
+        self.config = config if config is not None else self.make_config(preset)
+
+    # ---- configuration -------------------------------------------------------------
+    @classmethod
+    def make_config(cls, preset: str = "paper", **overrides: Any) -> Any:
+        """Build a Config from a preset plus explicit overrides (validated by name)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        values = dict(cls.presets.get(preset, {}))
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        for key in overrides:
+            if key not in names:
+                raise ValueError(
+                    f"{cls.name}: unknown parameter {key!r}; valid: {', '.join(sorted(names))}"
+                )
+        values.update(overrides)
+        return cls.Config(**values)
+
+    def params(self) -> dict[str, Any]:
+        """All config fields as a plain dict (for result rows and cache keys)."""
+        return dataclasses.asdict(self.config)
+
+    def identity(self) -> str:
+        """``name[k=v,...]``: the fields that differ from the preset, keys sorted."""
+        base = dataclasses.asdict(self.make_config(self.preset))
+        diff = {k: v for k, v in self.params().items() if base.get(k) != v}
+        if not diff:
+            return self.name
+        inner = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(diff.items()))
+        return f"{self.name}[{inner}]"
+
+    def cache_key(self) -> str:
+        """A stable JSON string of everything that determines this method's outputs."""
+        return json.dumps(
+            {"name": self.name, "params": self.params()}, sort_keys=True, default=str
+        )
+
+    # ---- the three calls -------------------------------------------------------------
+    def fit(self, train: ImageSet, ctx: Context) -> None:
+        """Learn from the train images and their image-level labels."""
+
+    def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
+        """Return soft maps (N, C, h, w) float32 in [0, 1]."""
+        raise NotImplementedError
+
+    def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
+        """Refine soft maps; the default is the identity."""
+        return maps
+
+    # ---- optional ----------------------------------------------------------------------
+    def search_space(self, trial: Any) -> dict[str, Any]:
+        """Hyperparameters for Optuna sweeps (``trial.suggest_*``); none by default."""
+        return {}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_fmt(v) for v in value) + ")"
+    return str(value)
+
+
+# ---- registry ------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods(kind: str | None = None) -> list[str]:
+    """Registered method names, sorted; ``kind`` filters ``method`` or ``reference``."""
+    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
+
+
+def get_method(name: str) -> type[Method]:
+    """The class registered as ``name``; an unknown name lists the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown method {name!r}; valid methods: {', '.join(list_methods())}"
+        ) from None
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``name[k=v,...]`` into the name and typed overrides (YAML scalars)."""
+    import yaml
+
+    m = _SPEC.match(spec)
+    if not m:
+        raise ValueError(f"cannot parse method spec {spec!r}; expected name or name[k=v,...]")
+    name, inner = m.group(1), m.group(2)
+    overrides: dict[str, Any] = {}
+    if inner:
+        for part in _split_top(inner):
+            if "=" not in part:
+                raise ValueError(f"method spec {spec!r}: {part!r} is not k=v")
+            key, raw = part.split("=", 1)
+            value = yaml.safe_load(raw.strip().replace("(", "[").replace(")", "]"))
+            if isinstance(value, list):
+                value = tuple(value)
+            overrides[key.strip()] = value
+    return name, overrides
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        parts.append("".join(cur))
+    return [p for p in (s.strip() for s in parts) if p]
+
+
+def create_method(spec: str, preset: str = "quick", **overrides: Any) -> Method:
+    """Create a configured method from ``name`` or ``name[k=v,...]`` and a preset."""
+    name, spec_overrides = parse_spec(spec)
+    cls = get_method(name)
+    spec_overrides.update(overrides)
+    config = cls.make_config(preset, **spec_overrides)
+    return cls(config, preset=preset)
