@@ -1,0 +1,597 @@
+"""CAM + AffinityNet: CAM seeds propagated by a random walk on learned semantic affinities.
+
+Paper: J. Ahn and S. Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision
+for Weakly Supervised Semantic Segmentation", CVPR 2018 (code: jiwoon-ahn/psa). The
+confident-region rule (fg where M >= 0.30, bg where M < 0.05) is IRNet's (Ahn, Cho and Kwak,
+CVPR 2019).
+
+Pipeline (internal stages go through ``ctx.stage``):
+
+1. ``classifier``: the plain CAM classifier of :mod:`methods.cam` (ResNet, GAP, bias-free
+   linear layer) trained on image-level labels.
+2. ``affinity``: CAMs of the train images (label class, multi-scale + flip) give confident
+   labels: 1 (fg) where ``M >= fg_threshold``, 0 (bg) where ``M < bg_threshold``, 255 (ignore)
+   elsewhere, optionally cleaned by a dense CRF on the uint8 image (``crf_confident``, IRNet's
+   rule: one CRF per threshold). The labels are downsampled (nearest) to the stride-8 grid of
+   the affinity network. Every pair (i, j) of grid nodes with ``|i - j| < radius`` (a half-disk
+   of offsets, each unordered pair once) is labelled positive-fg (both fg), positive-bg (both
+   bg) or negative (different); pairs touching an ignored node are skipped.
+
+   AffinityNet: three backbone stages (layer2 at stride 8, layer3 and layer4 upsampled to
+   stride 8) each reduced by a 1x1 conv + ELU, concatenated, a last 1x1 conv + ELU gives the
+   embedding e(u); ``a_ij = exp(-mean_c |e_i - e_j|)``. Loss:
+
+       L = 1/4 mean_{pos_bg} -log(a + 1e-5) + 1/4 mean_{pos_fg} -log(a + 1e-5)
+           + 1/2 mean_{neg} -log(1 + 1e-5 - a)
+
+3. ``localize``: the CAM of the label class (as :mod:`methods.cam`, with the configured TTA).
+4. ``refine``: the random walk (:func:`methods.common.random_walk.random_walk`). Channels are
+   ``[bg, fg]`` with the original's background rule ``bg = (1 - M) ** bg_alpha`` (alpha = 16,
+   psa's ``infer_aff.py`` default), both average-pooled to the affinity grid;
+   ``A = a ** beta`` (beta = 8) with self loops, ``T = D^-1 A``,
+   ``vec(M*_c) = T^t vec(M_c)`` with t = 256 (8 squarings); upsampled bilinearly to the image.
+   The map returned is ``M*_fg / (M*_fg + M*_bg)`` (``output="ratio"``, so threshold 0.5 is
+   exactly the original's argmax over [bg, fg]) or IRNet's ``M*_fg / max M*_fg``
+   (``output="max"``). Either is in [0, 1]; the harness picks the threshold on validation.
+
+Deviations from the original:
+
+- Backbone: a timm ResNet (ResNet-50 on ``paper``) instead of ResNet-38 / VGG-16; layer3 and
+  layer4 run at output stride 16 and are upsampled to stride 8 (``aff_output_stride=8``
+  dilates them instead, closer to ResNet-38's stride-8 stages at 4x their cost).
+- Confident regions use IRNet's fixed thresholds on the normalised CAM instead of psa's two
+  CRF passes on ``(1 - max M) ** alpha`` backgrounds (alpha 4 / 32); ``crf_confident`` adds
+  the CRF cleaning.
+- Pairs cover the whole grid (every node pair within the radius that fits), not only the
+  nodes whose full half-disk fits inside the crop.
+- Training augmentation: random resized crop (side ``aff_crop_min``..1 of the image) and
+  flip; no colour jitter. The label map is cropped with the image, then downsampled.
+- Random walk on the stride-8 grid of the whole image; dense ``T`` (squaring) on small grids,
+  ``t`` sparse products on large ones (same result; psa always squares a dense matrix).
+- Single-label data: one fg channel (the label class). The soft ``ratio`` output replaces
+  the hard argmax so the harness can sweep thresholds.
+- ``quick``/``tiny`` use random initialisation; SGD at lr 0.1 diverges from a random init, so
+  they use Adam (``aff_optimizer="adam"``) and train BatchNorm (psa freezes BN of its
+  pretrained backbone; we freeze it only when the backbone is pretrained).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Context, ImageSet, Method, register_method
+from methods.common.backbones import create_resnet
+from methods.common.crf import crf_labels
+from methods.common.data import apply_hflip, autocast, flip_flags, minibatches, seeded, to_tensor
+from methods.common.random_walk import PairGrid, pair_grid, random_walk
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+LOG_EPS = 1e-5
+
+
+# ---- confident regions and pair labels -----------------------------------------------------
+def confident_labels(
+    cam: np.ndarray,
+    fg_threshold: float = 0.30,
+    bg_threshold: float = 0.05,
+    image: np.ndarray | None = None,
+    crf: bool = False,
+) -> np.ndarray:
+    """Confident fg / bg regions of one normalised CAM.
+
+    Args:
+        cam: (H, W) CAM of the label class in [0, 1].
+        fg_threshold: fg where ``cam >= fg_threshold``.
+        bg_threshold: bg where ``cam < bg_threshold``.
+        image: (H, W, 3) uint8 image, needed when ``crf``.
+        crf: clean both regions with a dense CRF (IRNet): fg = CRF of the fg-threshold
+            labels says fg; bg = CRF of the bg-threshold labels says bg; else ignore.
+
+    Returns:
+        (H, W) uint8: 1 fg, 0 bg, 255 ignore.
+    """
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"confident_labels expects an (H, W) map; got shape {cam.shape}")
+    if not bg_threshold <= fg_threshold:
+        raise ValueError(f"bg_threshold {bg_threshold} must be <= fg_threshold {fg_threshold}")
+    if crf:
+        if image is None:
+            raise ValueError("confident_labels(crf=True) needs the uint8 image")
+        fg = crf_labels(image, (cam >= fg_threshold).astype(np.uint8)) == 1
+        bg = crf_labels(image, (cam >= bg_threshold).astype(np.uint8)) == 0
+    else:
+        fg = cam >= fg_threshold
+        bg = cam < bg_threshold
+    out = np.full(cam.shape, IGNORE, dtype=np.uint8)
+    out[bg & ~fg] = 0
+    out[fg] = 1
+    return out
+
+
+def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest (cell-centre) downsampling of label maps (N, H, W) to (N, h, w), dtype kept."""
+    x = labels.unsqueeze(1).float()  # (N, 1, H, W)
+    out = F.interpolate(x, size=size, mode="nearest-exact")
+    return out.squeeze(1).to(labels.dtype)
+
+
+def affinity_labels(
+    labels: torch.Tensor, grid: PairGrid
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pair labels on a grid from node labels (0 bg, k >= 1 a class, 255 ignore).
+
+    Args:
+        labels: (N, h, w) integer node labels on the grid of ``grid``.
+        grid: the pair grid (``grid.height == h``, ``grid.width == w``).
+
+    Returns:
+        ``(pos_bg, pos_fg, neg)``: (N, E) bool masks; pairs with an ignored end are in none.
+    """
+    n, h, w = labels.shape
+    if (h, w) != (grid.height, grid.width):
+        raise ValueError(f"labels are {h}x{w} but the pair grid is {grid.height}x{grid.width}")
+    flat = labels.reshape(n, h * w).long()
+    grid = grid.to(labels.device)
+    a, b = flat[:, grid.src], flat[:, grid.dst]  # (N, E)
+    valid = (a != IGNORE) & (b != IGNORE)
+    same = valid & (a == b)
+    pos_bg = same & (a == 0)
+    pos_fg = same & (a != 0)
+    neg = valid & (a != b)
+    return pos_bg, pos_fg, neg
+
+
+def affinity_loss(
+    aff: torch.Tensor, pos_bg: torch.Tensor, pos_fg: torch.Tensor, neg: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """AffinityNet's loss: 1/4 pos_bg + 1/4 pos_fg + 1/2 neg (means over the batch's pairs).
+
+    Args:
+        aff: (N, E) affinities in (0, 1].
+        pos_bg: (N, E) bool, both ends background.
+        pos_fg: (N, E) bool, both ends the same foreground class.
+        neg: (N, E) bool, ends with different labels.
+
+    Returns:
+        The scalar loss and its parts (floats) for logging.
+    """
+    aff = aff.float()
+    pb, pf, ng = pos_bg.float(), pos_fg.float(), neg.float()
+    bg_loss = (-pb * torch.log(aff + LOG_EPS)).sum() / (pb.sum() + LOG_EPS)
+    fg_loss = (-pf * torch.log(aff + LOG_EPS)).sum() / (pf.sum() + LOG_EPS)
+    neg_loss = (-ng * torch.log(1.0 + LOG_EPS - aff)).sum() / (ng.sum() + LOG_EPS)
+    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
+    parts = {"bg": bg_loss.item(), "fg": fg_loss.item(), "neg": neg_loss.item()}
+    return loss, parts
+
+
+def pair_affinities(embedding: torch.Tensor, grid: PairGrid) -> torch.Tensor:
+    """``a_ij = exp(-mean_c |e_i - e_j|)`` for every pair of ``grid``.
+
+    Args:
+        embedding: (N, D, h, w) embeddings.
+        grid: the pair grid of the (h, w) embedding.
+
+    Returns:
+        (N, E) affinities in (0, 1].
+    """
+    n, d, h, w = embedding.shape
+    if (h, w) != (grid.height, grid.width):
+        raise ValueError(f"embedding is {h}x{w} but the pair grid is {grid.height}x{grid.width}")
+    grid = grid.to(embedding.device)
+    e = embedding.reshape(n, d, h * w)
+    diff = (e[:, :, grid.src] - e[:, :, grid.dst]).abs().mean(dim=1)  # (N, E)
+    return torch.exp(-diff)
+
+
+# ---- the network ---------------------------------------------------------------------------
+class AffinityNet(nn.Module):
+    """Backbone stages 2-4 -> 1x1 reductions (+ELU) -> concat -> 1x1 conv (+ELU) embedding.
+
+    Args:
+        backbone: timm ResNet name.
+        pretrained: False, True or a local weights file.
+        dims: output channels of the three reductions (psa: 64, 128, 256).
+        embed_dim: embedding channels (psa: 448).
+        output_stride: 16 (layer3/4 upsampled to stride 8) or 8 (dilated).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        pretrained: bool | str = False,
+        dims: tuple[int, int, int] = (64, 128, 256),
+        embed_dim: int = 448,
+        output_stride: int = 16,
+    ) -> None:
+        super().__init__()
+        self.backbone = create_resnet(backbone, pretrained=pretrained, output_stride=output_stride)
+        channels = self.backbone.channels[1:]  # layer2, layer3, layer4
+        self.reduce = nn.ModuleList(
+            nn.Conv2d(c, d, 1, bias=False) for c, d in zip(channels, dims, strict=True)
+        )
+        self.embed = nn.Conv2d(sum(dims), embed_dim, 1, bias=False)
+        for conv in self.reduce:
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.embed.weight, gain=4)
+        self.freeze_bn = bool(pretrained)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The layers added on top of the backbone (trained at 10x the learning rate)."""
+        return [*self.reduce.parameters(), *self.embed.parameters()]
+
+    def train(self, mode: bool = True) -> AffinityNet:
+        """Train mode; BatchNorm of a pretrained backbone stays frozen (as in psa)."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings (N, embed_dim, h, w) on the stride-8 grid of ``x`` (N, 3, H, W)."""
+        feats = self.backbone(x)[1:]  # layer2 (stride 8), layer3, layer4
+        size = feats[0].shape[-2:]
+        parts = []
+        for f, conv in zip(feats, self.reduce, strict=True):
+            y = F.elu(conv(f))
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            parts.append(y)
+        return F.elu(self.embed(torch.cat(parts, dim=1)))
+
+
+# ---- training helpers ----------------------------------------------------------------------
+def random_resized_crop(
+    x: torch.Tensor, labels: torch.Tensor, min_side: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop a random box (side fraction ``min_side``..1, same for the batch) and resize back.
+
+    Args:
+        x: (N, 3, H, W) images.
+        labels: (N, H, W) uint8 label maps at the image resolution.
+        min_side: smallest crop side as a fraction of the image side (1.0: no crop).
+        generator: seeds the box.
+
+    Returns:
+        The resized crops of ``x`` (bilinear) and of ``labels`` (nearest), same shapes.
+    """
+    if min_side >= 1.0:
+        return x, labels
+    h, w = x.shape[-2:]
+    s = min_side + (1.0 - min_side) * float(torch.rand(1, generator=generator))
+    ch, cw = max(1, round(h * s)), max(1, round(w * s))
+    y0 = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+    x0 = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    xc = x[:, :, y0 : y0 + ch, x0 : x0 + cw]
+    lc = labels[:, y0 : y0 + ch, x0 : x0 + cw]
+    xc = F.interpolate(xc, size=(h, w), mode="bilinear", align_corners=False)
+    lc = F.interpolate(lc.unsqueeze(1).float(), size=(h, w), mode="nearest-exact")
+    return xc, lc.squeeze(1).to(labels.dtype)
+
+
+def poly_lr(base: float, step: int, max_step: int, power: float = 0.9) -> float:
+    """Polynomial decay ``base * (1 - step / max_step) ** power`` (psa's PolyOptimizer)."""
+    return base * (1.0 - min(step, max_step) / max(1, max_step)) ** power
+
+
+# ---- the method ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """CAM + AffinityNet settings; the defaults are the paper preset."""
+
+    # stage "classifier": the CAM classifier of methods.cam
+    backbone: str = "resnet50"  # CAM classifier backbone (timm ResNet)
+    pretrained: bool | str = True  # ImageNet weights for both backbones (str: a local file)
+    cam_epochs: int = 5  # CAM classifier epochs (methods.cam paper preset)
+    cam_batch_size: int = 32  # CAM classifier batch size
+    cam_lr: float = 1e-4  # CAM classifier Adam learning rate
+    cam_tta: bool = True  # multi-scale + flip CAMs for the seeds (psa's infer_cls does this)
+    cam_tta_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # psa's CAM inference scales
+    # confident regions (IRNet's thresholds on the normalised CAM)
+    fg_threshold: float = 0.30  # fg where M >= 0.30 (IRNet conf_fg_thres)
+    bg_threshold: float = 0.05  # bg where M < 0.05 (IRNet conf_bg_thres)
+    crf_confident: bool = True  # clean both regions with a dense CRF (psa and IRNet do)
+    # stage "affinity": AffinityNet
+    aff_backbone: str = "resnet50"  # AffinityNet backbone (psa: ResNet-38; see deviations)
+    aff_output_stride: int = 16  # 16: layer3/4 upsampled to stride 8; 8: dilated (4x cost)
+    aff_dims: tuple[int, int, int] = (64, 128, 256)  # 1x1 reductions of the 3 stages (psa)
+    aff_embed_dim: int = 448  # embedding channels of the last 1x1 conv (psa: 448)
+    aff_init_from_classifier: bool = False  # start the backbone from the CAM classifier's
+    aff_epochs: int = 8  # psa train_aff max_epoches
+    aff_batch_size: int = 8  # psa train_aff batch_size
+    aff_optimizer: str = "sgd"  # "sgd" (psa, poly decay) or "adam" (random init; poly too)
+    aff_lr: float = 0.1  # psa train_aff lr (backbone); poly power 0.9
+    aff_new_lr_mult: float = 10.0  # new layers (reductions, embedding) get 10x the lr (psa)
+    aff_momentum: float = 0.0  # psa's PolyOptimizer puts weight decay in SGD's momentum slot
+    aff_weight_decay: float = 5e-4  # psa train_aff wt_dec
+    aff_crop_min: float = 0.6  # random resized crop, side fraction in [crop_min, 1] (psa:
+    # 448 crops of images rescaled to 448-768 px)
+    aff_flip: bool = True  # random horizontal flip (psa)
+    # refine: the random walk
+    radius: int = 5  # pair radius gamma on the stride-8 grid (train and walk)
+    beta: float = 8.0  # A = a ** beta (psa infer_aff beta)
+    walk_steps: int = 256  # t = 2 ** logt, logt = 8 (psa infer_aff)
+    bg_alpha: float = 16.0  # background channel (1 - max M) ** alpha (psa infer_aff alpha)
+    output: str = "ratio"  # "ratio": fg* / (fg* + bg*); "max": fg* / max fg* (IRNet)
+    walk_mode: str = "auto"  # "auto" | "dense" (squaring) | "sparse" (t sparse products)
+    infer_batch_size: int = 16  # images per forward pass in localize / refine
+
+
+OUTPUTS = ("ratio", "max")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@register_method
+class CAMAffinityNet(Method):
+    """CAM seeds refined by a random walk on AffinityNet's learned semantic affinities."""
+
+    name = "cam_affinitynet"
+    Config = Config
+    presets = {
+        "paper": {},
+        "quick": {
+            "backbone": "resnet18",
+            "pretrained": False,
+            "cam_epochs": 8,
+            "cam_lr": 1e-3,
+            "cam_tta_scales": (1.0,),
+            "crf_confident": False,
+            "aff_backbone": "resnet18",
+            "aff_epochs": 8,
+            "aff_optimizer": "adam",
+            "aff_lr": 1e-3,
+            "aff_new_lr_mult": 1.0,
+            "aff_weight_decay": 0.0,
+        },
+        "tiny": {
+            "backbone": "resnet18",
+            "pretrained": False,
+            "cam_epochs": 1,
+            "cam_batch_size": 16,
+            "cam_lr": 1e-3,
+            "cam_tta": False,
+            "crf_confident": False,
+            "aff_backbone": "resnet18",
+            "aff_dims": (8, 8, 16),
+            "aff_embed_dim": 16,
+            "aff_epochs": 1,
+            "aff_optimizer": "adam",
+            "aff_lr": 1e-3,
+            "aff_new_lr_mult": 1.0,
+            "aff_weight_decay": 0.0,
+            "walk_steps": 64,
+        },
+    }
+
+    def __init__(self, config: Config | None = None, preset: str = "paper") -> None:
+        super().__init__(config, preset)
+        cfg = self.config
+        if cfg.output not in OUTPUTS:
+            raise ValueError(
+                f"cam_affinitynet: output must be one of {OUTPUTS}, got {cfg.output!r}"
+            )
+        if cfg.aff_optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"cam_affinitynet: aff_optimizer must be one of {OPTIMIZERS}, "
+                f"got {cfg.aff_optimizer!r}"
+            )
+        self.cam: Any = None
+        self.aff: AffinityNet | None = None
+
+    # ---- pieces ------------------------------------------------------------------------
+    def _cam_method(self) -> Any:
+        from methods.cam import CAM
+        from methods.cam import Config as CamConfig
+
+        cfg = self.config
+        cam_cfg = CamConfig(
+            backbone=cfg.backbone,
+            pretrained=cfg.pretrained,
+            epochs=cfg.cam_epochs,
+            batch_size=cfg.cam_batch_size,
+            lr=cfg.cam_lr,
+            tta=cfg.cam_tta,
+            tta_scales=tuple(cfg.cam_tta_scales),
+            infer_batch_size=cfg.infer_batch_size,
+        )
+        return CAM(cam_cfg, preset=self.preset)
+
+    def _build_aff(self, pretrained: bool | str) -> AffinityNet:
+        cfg = self.config
+        return AffinityNet(
+            cfg.aff_backbone,
+            pretrained=pretrained,
+            dims=tuple(cfg.aff_dims),
+            embed_dim=cfg.aff_embed_dim,
+            output_stride=cfg.aff_output_stride,
+        )
+
+    # ---- fit -------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, ctx: Context) -> None:
+        """Train the CAM classifier, then AffinityNet on the CAMs' confident regions."""
+        if len(train) == 0:
+            raise ValueError("cam_affinitynet.fit: the train set is empty")
+        self.cam = self._cam_method()
+        self.cam.fit(train, ctx)  # stage "classifier"
+        state = ctx.stage("affinity", lambda: self._train_affinity(train, ctx))
+        net = self._build_aff(pretrained=False)
+        net.load_state_dict(state)
+        self.aff = net.to(ctx.device).eval()
+
+    def seed_labels(self, images: ImageSet, ctx: Context) -> np.ndarray:
+        """Confident labels (N, H, W) uint8 (1 fg, 0 bg, 255 ignore) from the fitted CAM."""
+        if self.cam is None:
+            raise RuntimeError("cam_affinitynet.seed_labels called before fit()")
+        cfg = self.config
+        h, w = images.images.shape[1:3]
+        out = np.empty((len(images), h, w), dtype=np.uint8)
+        for start in range(0, len(images), cfg.infer_batch_size):
+            part = images.subset(slice(start, start + cfg.infer_batch_size))
+            cams = self.cam.localize(part, ctx)[:, 0]  # (B, H, W)
+            imgs = np.asarray(part.images) if cfg.crf_confident else None
+            for i in range(len(part)):
+                out[start + i] = confident_labels(
+                    cams[i],
+                    cfg.fg_threshold,
+                    cfg.bg_threshold,
+                    image=None if imgs is None else imgs[i],
+                    crf=cfg.crf_confident,
+                )
+        return out
+
+    def _train_affinity(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        labels = self.seed_labels(train, ctx)  # (N, H, W) uint8
+        logger.info(
+            "cam_affinitynet: seeds fg %.3f bg %.3f ignore %.3f of the train pixels",
+            float((labels == 1).mean()),
+            float((labels == 0).mean()),
+            float((labels == IGNORE).mean()),
+        )
+        with seeded(ctx.seed + 2):
+            net = self._build_aff(cfg.pretrained)
+        if cfg.aff_init_from_classifier:
+            if cfg.aff_backbone != cfg.backbone:
+                raise ValueError(
+                    "cam_affinitynet: aff_init_from_classifier needs aff_backbone == backbone "
+                    f"({cfg.aff_backbone!r} != {cfg.backbone!r})"
+                )
+            net.backbone.load_state_dict(self.cam.model.backbone.state_dict())
+        net.to(ctx.device).train()
+        new = {id(p) for p in net.new_parameters()}
+        frozen_bn = set()
+        if net.freeze_bn:
+            for m in net.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    frozen_bn.update(id(p) for p in m.parameters())
+                    m.requires_grad_(False)
+        old = [p for p in net.parameters() if id(p) not in new and id(p) not in frozen_bn]
+        groups = [
+            {"params": old, "lr": cfg.aff_lr},
+            {"params": net.new_parameters(), "lr": cfg.aff_lr * cfg.aff_new_lr_mult},
+        ]
+        if cfg.aff_optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=cfg.aff_lr, momentum=cfg.aff_momentum, weight_decay=cfg.aff_weight_decay
+            )
+        else:
+            opt = torch.optim.Adam(groups, lr=cfg.aff_lr, weight_decay=cfg.aff_weight_decay)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        gen = ctx.generator(offset=2)
+        n, bs = len(train), cfg.aff_batch_size
+        drop_last = n > bs
+        epochs = ctx.epochs(cfg.aff_epochs)
+        max_step = epochs * (n // bs if drop_last else -(-n // bs))
+        step = 0
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for idx in minibatches(n, bs, gen, shuffle=True, drop_last=drop_last):
+                if not ctx.should_continue():
+                    logger.info(
+                        "cam_affinitynet: affinity stopped by the budget after %d steps", step
+                    )
+                    return _cpu_state(net)
+                idx = np.sort(idx)
+                x = to_tensor(train.images[idx], ctx.device)  # (B, 3, H, W)
+                lab = torch.from_numpy(labels[idx]).to(ctx.device)  # (B, H, W)
+                if cfg.aff_flip:
+                    flags = flip_flags(len(idx), gen)
+                    x, lab = apply_hflip(x, flags), apply_hflip(lab, flags)
+                x, lab = random_resized_crop(x, lab, cfg.aff_crop_min, gen)
+                with autocast(ctx.device, ctx.amp):
+                    emb = net(x)  # (B, D, h, w)
+                grid = pair_grid(emb.shape[2], emb.shape[3], cfg.radius, device=ctx.device)
+                node = downsample_labels(lab, (emb.shape[2], emb.shape[3]))  # (B, h, w)
+                pos_bg, pos_fg, neg = affinity_labels(node, grid)
+                aff = pair_affinities(emb.float(), grid)  # (B, E)
+                loss, parts = affinity_loss(aff, pos_bg, pos_fg, neg)
+                for g, base in zip(opt.param_groups, base_lrs, strict=True):
+                    g["lr"] = poly_lr(base, step, max_step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count, step = total + loss.item(), count + 1, step + 1
+                logger.debug("cam_affinitynet: step %d loss %s", step, parts)
+            logger.debug("cam_affinitynet: epoch %d mean loss %.4f", epoch, total / max(1, count))
+        return _cpu_state(net)
+
+    # ---- inference -----------------------------------------------------------------------
+    def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
+        """CAM of each image's label class, (N, 1, H, W) float32 in [0, 1] (the walk's seeds)."""
+        if self.cam is None:
+            raise RuntimeError("cam_affinitynet.localize called before fit()")
+        return self.cam.localize(batch, ctx)
+
+    @torch.no_grad()
+    def affinities(self, batch: ImageSet, ctx: Context) -> tuple[torch.Tensor, PairGrid]:
+        """Pair affinities (N, E) on the stride-8 grid of the batch images, and the grid."""
+        if self.aff is None:
+            raise RuntimeError("cam_affinitynet: affinities asked before fit()")
+        cfg = self.config
+        net = self.aff.to(ctx.device).eval()
+        parts = []
+        grid = None
+        for start in range(0, len(batch), cfg.infer_batch_size):
+            x = to_tensor(batch.images[start : start + cfg.infer_batch_size], ctx.device)
+            with autocast(ctx.device, ctx.amp):
+                emb = net(x)  # (B, D, h, w)
+            grid = pair_grid(emb.shape[2], emb.shape[3], cfg.radius, device=ctx.device)
+            parts.append(pair_affinities(emb.float(), grid))
+        assert grid is not None
+        return torch.cat(parts), grid
+
+    @torch.no_grad()
+    def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
+        """Random walk of the CAMs (with a background channel) on AffinityNet's affinities."""
+        if self.aff is None:
+            raise RuntimeError("cam_affinitynet.refine called before fit()")
+        cfg = self.config
+        h, w = batch.images.shape[1:3]
+        maps = np.asarray(maps, dtype=np.float32)
+        if maps.ndim != 4 or maps.shape[0] != len(batch):
+            raise ValueError(
+                f"cam_affinitynet.refine: maps must be (N={len(batch)}, C, h, w); got {maps.shape}"
+            )
+        out = np.empty((len(batch), maps.shape[1], h, w), dtype=np.float32)
+        for start in range(0, len(batch), cfg.infer_batch_size):
+            sl = slice(start, start + cfg.infer_batch_size)
+            part = batch.subset(sl)
+            aff, grid = self.affinities(part, ctx)  # (B, E)
+            m = torch.from_numpy(maps[sl]).to(ctx.device)  # (B, C, h', w')
+            if m.shape[-2:] != (h, w):
+                m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+            m = m.clamp(0.0, 1.0)
+            out[sl] = self.walk(m, aff, grid).cpu().numpy()
+        return out
+
+    def walk(self, maps: torch.Tensor, aff: torch.Tensor, grid: PairGrid) -> torch.Tensor:
+        """Walk image-resolution maps (N, C, H, W) on a grid; returns (N, C, H, W) in [0, 1]."""
+        cfg = self.config
+        size = maps.shape[-2:]
+        bg = (1.0 - maps.amax(dim=1, keepdim=True)).pow(cfg.bg_alpha)  # (N, 1, H, W)
+        stack = torch.cat([bg, maps], dim=1)  # (N, 1 + C, H, W)
+        stack = F.adaptive_avg_pool2d(stack, (grid.height, grid.width))  # (N, 1 + C, h, w)
+        rw = random_walk(stack, aff, cfg.beta, cfg.walk_steps, cfg.radius, cfg.walk_mode)
+        rw = F.interpolate(rw, size=size, mode="bilinear", align_corners=False)
+        bg_rw, fg_rw = rw[:, :1], rw[:, 1:]
+        if cfg.output == "ratio":
+            res = fg_rw / (fg_rw + bg_rw + LOG_EPS)
+        else:
+            res = fg_rw / (fg_rw.flatten(2).amax(dim=2)[:, :, None, None] + LOG_EPS)
+        return res.clamp(0.0, 1.0)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

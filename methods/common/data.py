@@ -1,0 +1,119 @@
+"""Small data helpers shared by the methods: normalisation, minibatches, flips, autocast, seeding.
+
+Images reach methods as uint8 (N, H, W, 3) arrays, often memory maps: convert them per
+minibatch with :func:`to_tensor`, never the whole set at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Convert uint8 (N, H, W, 3) images to an ImageNet-normalised float tensor (N, 3, H, W).
+
+    Args:
+        images: uint8 RGB images, channels last (a memory-map slice is fine).
+        device: where the tensor should live.
+
+    Returns:
+        float32 tensor (N, 3, H, W), ``(x / 255 - mean) / std``.
+
+    Raises:
+        ValueError: if ``images`` is not uint8 with shape (N, H, W, 3).
+    """
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(
+            f"to_tensor expects uint8 images of shape (N, H, W, 3); got {arr.dtype} {arr.shape}"
+        )
+    x = torch.from_numpy(np.array(arr, copy=True)).to(device)  # (N, H, W, 3) uint8, writable
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def minibatches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> Iterator[np.ndarray]:
+    """Yield index arrays covering ``range(n)`` in minibatches.
+
+    Args:
+        n: number of items.
+        batch_size: items per minibatch (>= 1).
+        generator: seeds the shuffle (required for reproducible order when ``shuffle``).
+        shuffle: permute the indices first.
+        drop_last: drop a last, smaller minibatch.
+
+    Yields:
+        int64 index arrays of length ``batch_size`` (the last one may be shorter).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle:
+        order = torch.randperm(n, generator=generator).numpy()
+    else:
+        order = np.arange(n, dtype=np.int64)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            return
+        yield idx
+
+
+def flip_flags(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``n`` fair coin flips (bool tensor) from ``generator``."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def apply_hflip(x: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Flip left-right the items of ``x`` (N, ..., W) whose flag is True."""
+    if not bool(flags.any()):
+        return x
+    flags = flags.to(x.device)
+    out = x.clone()
+    out[flags] = torch.flip(x[flags], dims=(-1,))
+    return out
+
+
+def hflip_random(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each item of ``x`` (N, ..., W) left-right with probability 1/2.
+
+    To flip images and masks together, draw :func:`flip_flags` once and call
+    :func:`apply_hflip` on each tensor.
+    """
+    return apply_hflip(x, flip_flags(x.shape[0], generator))
+
+
+def autocast(device: torch.device | str, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when ``amp``; a no-op otherwise (the CPU path stays fp32)."""
+    if amp and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator inside the block and restore it afterwards.
+
+    Use it around model construction so weight initialisation depends on the run seed only.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield

@@ -1,0 +1,542 @@
+"""WeakTR-Refinery: ViT classifier, FineCAM, and a CNN decoder trained with gradient clipping.
+
+Source: the johnamit/weaktr-refinery repository (Oxford-IIIT Pet; README and code, no paper
+beyond the repository's report), itself adapted from WeakTr (Zhu et al., "WeakTr: Exploring
+Plain Vision Transformer for Weakly-supervised Semantic Segmentation", 2023) for the
+gradient-clipping decoder loss.
+
+Pipeline (stages ``classifier`` then ``decoder``):
+
+1. Classifier: timm ``deit_tiny_patch16_224`` (``vit=tiny``) or ``vit_small_patch16_224``
+   (``vit=small``) with a new linear head, cross-entropy, Adam 1e-4, batch 32, 15 epochs, 224 px,
+   no augmentation.
+2. FineCAM (no learning; one forward pass): a_{l,h} is the CLS-to-patch attention of layer l,
+   head h (softmax over all tokens, CLS column dropped); F (P, D) the final patch tokens before
+   the last LayerNorm; m_i = mean_d(F_i / ||F_i||); s_{l,h} = sum_i a_{l,h,i} m_i;
+   w_{l,.} = softmax_h(s_{l,.}); A = mean_h sum_l w_{l,h} a_{l,h};
+   A~ = (A - min A) / (max A + 1e-6); coarse CAM C = F W_c^T for class c (head weight, no bias);
+   C~ = (C - min C) / (max C + 1e-6); FineCAM = upsample_bilinear(A~ * C~) clamped to [0, 1].
+3. Decoder (the "refinery"): the (D, h, w) pre-LayerNorm token map -> conv3x3 + BN + ReLU ->
+   x2 -> conv3x3 + BN + ReLU -> x2 -> conv3x3 (+ BN on ``large``) + ReLU -> x4 -> conv1x1 -> one
+   logit z. Channels D-64-32-16 (small), D-128-64-32 (medium), D-256-128-64 (large). Target
+   y = FineCAM. Loss (WeakTr gradient clipping): per-pixel BCE l_p(z_p, y_p); its gradient
+   magnitude g_p = |sigmoid(z_p) - y_p| * y_p / sum(y); in each window (120 px at 224 px,
+   scaled with the image size) keep pixels with g_p <= tau * max(window mean, image mean),
+   tau = 1.2; loss = mean of l_p over kept pixels (per image, then over the batch).
+   Adam 5e-2, batch 64, 15 epochs.
+4. Map (option ``map``): ``loss`` (the original's pseudo masks): the per-image normalised BCE
+   between decoder logits and FineCAM, (l - min l) / (max l + 1e-6), as a foreground map (the
+   original marks background where it is <= theta; the harness thresholds the map instead);
+   ``decoder``: sigmoid(z); ``finecam``: FineCAM alone, no decoder trained.
+
+``localize`` returns the FineCAM of the image's label class; ``refine`` turns it into the
+``map`` option's map (it re-runs the frozen ViT for the token map; for ``finecam`` it is the
+identity). Maps are returned at the batch's working resolution.
+
+Deviations from the original (defaults; ``faithful=True`` restores the first four):
+    - The label class is used for FineCAM (the original uses the predicted class, which on
+      training images is sometimes wrong; weak supervision gives the label).
+    - FineCAM is clamped to [0, 1]: the original's C~ divides by max instead of max - min, so
+      it exceeds 1 when the map has negative values (or flips sign when max < 0), and the
+      decoder is trained on those out-of-range targets. With ``faithful=True`` the unclamped
+      FineCAM is the decoder's target and the loss map's reference; only the map handed to
+      the harness is clamped, at the very end.
+    - Clipping windows cover the whole image (a grid of windows with partial windows at the
+      right and bottom edges; window means over their valid pixels) and the image mean is the
+      mean over all pixels. The original unfolds with stride = window and no padding, so at
+      224 px one 120 x 120 window at the top-left is the only region that enters the loss at
+      all; its "global" mean is the mean of the window means.
+    - tau = 1.2 is applied. The original passes tau = 1.2 but never uses it (it keeps
+      g <= max(window mean, global mean)); ``faithful=True`` ignores tau likewise.
+    - The original bilinearly upsamples the coarse CAM to 224 px and back to 14 x 14 before
+      the product (a slight smoothing); only ``faithful=True`` does this.
+    - No validation split inside fit: the original keeps the best-validation-accuracy
+      classifier and best-validation-IoU decoder over an internal 80/20 split of its train
+      images; here the last epoch is kept and every train image is used (the harness owns
+      validation).
+    - ``quick``/``tiny`` presets: random initialisation, small images and (tiny) a 2-block,
+      64-wide ViT, so they run on a CPU without downloads.
+    - The original's segmentation stage (LR-ASPP, BCE, Adam 1e-5) is the harness's shared
+      segmenter, and its inverted evaluation convention is the evaluator's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Context, ImageSet, Method, register_method
+from methods.common.data import autocast, minibatches, seeded, to_tensor
+from methods.common.vit import (
+    VIT_NAMES,
+    ViTOutputs,
+    build_vit,
+    minmax_shift,
+    resize,
+    vit_forward_with_attention,
+)
+
+logger = logging.getLogger(__name__)
+
+MAP_OPTIONS = ("loss", "decoder", "finecam")
+DECODER_CHANNELS = {"small": (64, 32, 16), "medium": (128, 64, 32), "large": (256, 128, 64)}
+#: The resolution at which the original's 120 px clipping window is defined.
+REFERENCE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class Config:
+    """WeakTR-Refinery settings; the defaults are the original repository's."""
+
+    vit: str = "tiny"  # tiny = deit_tiny_patch16_224, small = vit_small_patch16_224
+    pretrained: bool | str = True  # ImageNet weights from timm (True), a local file, or False
+    img_size: int = 224  # ViT input size (images are resized to it); a multiple of the patch
+    vit_depth: int | None = None  # override the ViT depth (random init only; tiny preset)
+    vit_embed_dim: int | None = None  # override the token width D (random init only)
+    vit_heads: int | None = None  # override the number of heads (random init only)
+    vit_patch: int | None = None  # override the patch size (random init only; default 16)
+    epochs: int = 15  # classifier epochs
+    batch_size: int = 32  # classifier batch size
+    lr: float = 1e-4  # classifier Adam learning rate (no weight decay, no augmentation)
+    decoder_size: str = "medium"  # small | medium | large (README default: medium)
+    decoder_epochs: int = 15  # decoder epochs
+    decoder_batch_size: int = 64  # decoder batch size
+    decoder_lr: float = 5e-2  # decoder Adam learning rate (original 5e-2)
+    clip_window: int = 120  # gradient-clipping window in px at 224 px (scaled with img_size)
+    clip_tau: float = 1.2  # keep pixels with g <= tau * max(window mean, image mean)
+    map: str = "loss"  # loss (original pseudo masks) | decoder (sigmoid) | finecam (no decoder)
+    faithful: bool = False  # reproduce the original's quirks (predicted class, no clamp, ...)
+    infer_batch_size: int = 64  # images per forward pass in localize/refine
+
+    def __post_init__(self) -> None:
+        if self.vit not in VIT_NAMES:
+            raise ValueError(f"vit must be one of {sorted(VIT_NAMES)}, got {self.vit!r}")
+        if self.decoder_size not in DECODER_CHANNELS:
+            raise ValueError(
+                f"decoder_size must be one of {sorted(DECODER_CHANNELS)}, got {self.decoder_size!r}"
+            )
+        if self.map not in MAP_OPTIONS:
+            raise ValueError(f"map must be one of {MAP_OPTIONS}, got {self.map!r}")
+        patch = self.vit_patch or 16
+        if self.img_size < patch or self.img_size % patch:
+            raise ValueError(
+                f"img_size must be a positive multiple of the patch size {patch}, got "
+                f"{self.img_size}"
+            )
+        for name in ("epochs", "batch_size", "decoder_epochs", "decoder_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.infer_batch_size < 1 or self.clip_window < 1 or self.clip_tau <= 0:
+            raise ValueError("infer_batch_size, clip_window and clip_tau must be positive")
+
+
+# ---- FineCAM ------------------------------------------------------------------------------
+def fine_cam(
+    out: ViTOutputs,
+    head_weight: torch.Tensor,
+    classes: torch.Tensor,
+    size: tuple[int, int],
+    clamp: bool = True,
+    roundtrip_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """FineCAM of one class per image, batched.
+
+    Args:
+        out: a ViT forward pass with CLS attention (N, L, H, P) and pre-LN tokens (N, P, D).
+        head_weight: (C, D) weight of the linear classification head.
+        classes: (N,) the class of each image whose map is wanted.
+        size: (h, w) output size (bilinear upsampling of the patch-grid map).
+        clamp: clamp the result to [0, 1] (the original does not).
+        roundtrip_size: if given, upsample the coarse CAM to this size and back to the grid
+            first (the original's quirk; ``faithful`` only).
+
+    Returns:
+        (N, 1, h, w) float maps.
+    """
+    a, tokens = out.cls_attn.float(), out.tokens.float()  # (N, L, H, P), (N, P, D)
+    n = tokens.shape[0]
+    m = F.normalize(tokens, dim=-1).mean(dim=-1)  # (N, P)
+    s = torch.einsum("nlhp,np->nlh", a, m)  # (N, L, H)
+    w = s.softmax(dim=2)  # softmax over heads
+    fused = (w.unsqueeze(-1) * a).sum(dim=1).mean(dim=1)  # sum over layers, mean over heads
+    attn = minmax_shift(fused)  # (N, P)
+    weight = head_weight.float()[classes.to(head_weight.device)]  # (N, D)
+    coarse = torch.einsum("npd,nd->np", tokens, weight).reshape(n, 1, *out.grid)
+    if roundtrip_size is not None:
+        coarse = resize(resize(coarse, roundtrip_size), out.grid)
+    coarse = minmax_shift(coarse.flatten(1))  # (N, P)
+    cam = (attn * coarse).reshape(n, 1, *out.grid)  # (N, 1, gh, gw)
+    cam = resize(cam, size)
+    return cam.clamp(0.0, 1.0) if clamp else cam
+
+
+# ---- decoder and its loss ------------------------------------------------------------------
+class RefineryDecoder(nn.Module):
+    """Token map (N, D, h, w) -> one logit per pixel (N, 1, 16h, 16w)."""
+
+    def __init__(self, in_dim: int, size: str = "medium") -> None:
+        super().__init__()
+        c1, c2, c3 = DECODER_CHANNELS[size]
+
+        def up(factor: int) -> nn.Module:
+            return nn.Upsample(scale_factor=factor, mode="bilinear", align_corners=False)
+
+        last_bn = [nn.BatchNorm2d(c3)] if size == "large" else []
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_dim, c1, 3, padding=1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
+            up(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),
+            up(2),
+            nn.Conv2d(c2, c3, 3, padding=1),
+            *last_bn,
+            nn.ReLU(inplace=True),
+            up(4),
+            nn.Conv2d(c3, 1, 1),
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)  # as the original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode a token map into logits."""
+        return self.layers(x)
+
+
+def clip_window_size(image_size: int, window: int = 120) -> int:
+    """The clipping window scaled from its size at 224 px to ``image_size`` (at least 1)."""
+    return max(1, round(window * image_size / REFERENCE_SIZE))
+
+
+def gradient_magnitude(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|d loss / d z| of the y-weighted BCE: |sigmoid(z) - y| * y / sum(y), per image.
+
+    ``y`` is clamped to [0, 1] for the weight, as in the original. The original divides by the
+    sum over the whole batch; the keep rule compares pixels of one image only, so a per-image
+    divisor selects the same pixels.
+    """
+    y = target.clamp(0.0, 1.0)
+    denom = y.sum(dim=(1, 2, 3), keepdim=True) + 1e-12
+    return ((torch.sigmoid(logits) - target).abs() * y / denom).detach()
+
+
+def clip_keep_mask(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    window: int,
+    tau: float = 1.2,
+    top_left_only: bool = False,
+) -> torch.Tensor:
+    """Pixels the gradient-clipping loss keeps (bool, same shape as ``logits``).
+
+    Args:
+        logits: (N, 1, H, W) decoder logits.
+        target: (N, 1, H, W) FineCAM targets.
+        window: window side in pixels.
+        tau: keep g <= tau * max(window mean, image mean).
+        top_left_only: the original's windows: unfold with stride = window and no padding,
+            so only whole windows from the top-left count (everything else is dropped) and the
+            image mean is the mean of those windows' means.
+
+    Returns:
+        (N, 1, H, W) bool mask of kept pixels.
+    """
+    g = gradient_magnitude(logits, target)  # (N, 1, H, W)
+    n, _, h, w = g.shape
+    window = min(window, h, w)
+    if top_left_only:
+        nh, nw = h // window, w // window
+        means = F.avg_pool2d(g[..., : nh * window, : nw * window], window, stride=window)
+        image_mean = means.mean(dim=(2, 3), keepdim=True)
+    else:
+        nh, nw = -(-h // window), -(-w // window)
+        pad = (0, nw * window - w, 0, nh * window - h)
+        sums = F.avg_pool2d(F.pad(g, pad), window, stride=window, divisor_override=1)
+        counts = F.avg_pool2d(
+            F.pad(torch.ones_like(g), pad), window, stride=window, divisor_override=1
+        )
+        means = sums / counts  # (N, 1, nh, nw) means over valid pixels
+        image_mean = g.mean(dim=(2, 3), keepdim=True)
+    per_pixel = means.repeat_interleave(window, dim=2).repeat_interleave(window, dim=3)
+    per_pixel = F.pad(
+        per_pixel, (0, max(0, w - per_pixel.shape[3]), 0, max(0, h - per_pixel.shape[2]))
+    )
+    per_pixel = per_pixel[..., :h, :w]
+    keep = g <= tau * torch.maximum(per_pixel, image_mean)
+    if top_left_only:
+        covered = torch.zeros_like(keep)
+        covered[..., : nh * window, : nw * window] = True
+        keep &= covered
+    return keep
+
+
+def clipped_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    window: int,
+    tau: float = 1.2,
+    top_left_only: bool = False,
+) -> torch.Tensor:
+    """Gradient-clipping BCE: mean BCE over kept pixels per image, then over the batch."""
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    keep = clip_keep_mask(logits, target, window, tau, top_left_only).float()
+    per_image = (loss * keep).sum(dim=(1, 2, 3)) / (keep.sum(dim=(1, 2, 3)) + 1e-6)
+    return per_image.mean()
+
+
+# ---- the method ---------------------------------------------------------------------------
+@register_method
+class WeakTRRefinery(Method):
+    """ViT + FineCAM + gradient-clipping CNN decoder (johnamit/weaktr-refinery)."""
+
+    name: ClassVar[str] = "weaktr_refinery"
+    Config: ClassVar[type] = Config
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {},
+        "quick": {
+            "pretrained": False,
+            "img_size": 128,
+            "epochs": 8,
+            "lr": 3e-4,
+            "decoder_epochs": 4,
+            "decoder_batch_size": 32,
+            "decoder_lr": 1e-3,
+        },
+        "tiny": {
+            "pretrained": False,
+            "img_size": 64,
+            "vit_depth": 2,
+            "vit_embed_dim": 64,
+            "vit_heads": 2,
+            "epochs": 1,
+            "batch_size": 8,
+            "decoder_size": "small",
+            "decoder_epochs": 1,
+            "decoder_batch_size": 8,
+            "decoder_lr": 1e-3,
+            "infer_batch_size": 16,
+        },
+    }
+
+    def __init__(self, config: Any | None = None, preset: str = "paper") -> None:
+        super().__init__(config, preset)
+        self.vit: nn.Module | None = None
+        self.decoder: RefineryDecoder | None = None
+
+    # ---- construction ------------------------------------------------------------------
+    def _new_vit(self, num_classes: int, pretrained: bool | str) -> nn.Module:
+        cfg = self.config
+        return build_vit(
+            cfg.vit,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            img_size=cfg.img_size,
+            depth=cfg.vit_depth,
+            embed_dim=cfg.vit_embed_dim,
+            num_heads=cfg.vit_heads,
+            patch_size=cfg.vit_patch,
+        )
+
+    def _images(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> normalised (N, 3, S, S) at the ViT's input size."""
+        x = to_tensor(np.asarray(images), device)
+        size = (self.config.img_size, self.config.img_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def _finecam(self, out: ViTOutputs, labels: torch.Tensor) -> torch.Tensor:
+        """FineCAM (N, 1, S, S) of the label class (predicted class, unclamped if faithful)."""
+        cfg = self.config
+        size = (cfg.img_size, cfg.img_size)
+        classes = out.logits.argmax(dim=1) if cfg.faithful else labels
+        return fine_cam(
+            out,
+            self.vit.head.weight,
+            classes,
+            size,
+            clamp=not cfg.faithful,
+            roundtrip_size=size if cfg.faithful else None,
+        )
+
+    # ---- fit ------------------------------------------------------------------------------
+    def fit(self, train: ImageSet, ctx: Context) -> None:
+        """Train the ViT classifier, then (unless ``map=finecam``) the decoder."""
+        _check_imageset(train, "train")
+        cfg = self.config
+        device = torch.device(ctx.device)
+        state = ctx.stage("classifier", lambda: self._train_classifier(train, ctx))
+        with seeded(ctx.seed):
+            vit = self._new_vit(train.num_classes, pretrained=False)
+        vit.load_state_dict(state)
+        self.vit = vit.to(device).eval()
+        self.decoder = None
+        if cfg.map != "finecam":
+            state = ctx.stage("decoder", lambda: self._train_decoder(train, ctx))
+            decoder = self._new_decoder()
+            decoder.load_state_dict(state)
+            self.decoder = decoder.to(device).eval()
+
+    def _train_classifier(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        device = torch.device(ctx.device)
+        with seeded(ctx.seed):
+            model = self._new_vit(train.num_classes, pretrained=cfg.pretrained).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        generator = ctx.generator(1)
+        labels = np.asarray(train.labels, dtype=np.int64)
+        model.train()
+        stop = False
+        for epoch in range(ctx.epochs(cfg.epochs)):
+            total, steps = 0.0, 0
+            for idx in minibatches(len(train), cfg.batch_size, generator, shuffle=True):
+                if not ctx.should_continue():
+                    stop = True
+                    break
+                x = self._images(train.images[idx], device)
+                y = torch.from_numpy(labels[idx]).to(device)
+                with autocast(device, ctx.amp):
+                    loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, steps = total + float(loss.detach()), steps + 1
+            logger.info("classifier epoch %d: loss %.4f", epoch + 1, total / max(steps, 1))
+            if stop:
+                logger.info("classifier stopped by the budget in epoch %d", epoch + 1)
+                break
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def _new_decoder(self) -> RefineryDecoder:
+        in_dim = int(self.vit.embed_dim)
+        return RefineryDecoder(in_dim, self.config.decoder_size)
+
+    def _train_decoder(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        device = torch.device(ctx.device)
+        with seeded(ctx.seed + 1):
+            decoder = self._new_decoder().to(device)
+        optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
+        generator = ctx.generator(2)
+        labels = np.asarray(train.labels, dtype=np.int64)
+        window = clip_window_size(cfg.img_size, cfg.clip_window)
+        tau = 1.0 if cfg.faithful else cfg.clip_tau
+        decoder.train()
+        stop = False
+        for epoch in range(ctx.epochs(cfg.decoder_epochs)):
+            total, steps = 0.0, 0
+            for idx in minibatches(len(train), cfg.decoder_batch_size, generator, shuffle=True):
+                if not ctx.should_continue():
+                    stop = True
+                    break
+                x = self._images(train.images[idx], device)
+                y = torch.from_numpy(labels[idx]).to(device)
+                with torch.no_grad():
+                    out = vit_forward_with_attention(self.vit, x)
+                    target = self._finecam(out, y)  # (N, 1, S, S)
+                with autocast(device, ctx.amp):
+                    logits = decoder(out.token_map())
+                logits = resize(logits.float(), tuple(target.shape[-2:]))
+                loss = clipped_bce(logits, target, window, tau, top_left_only=cfg.faithful)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, steps = total + float(loss.detach()), steps + 1
+            logger.info("decoder epoch %d: clipped BCE %.4f", epoch + 1, total / max(steps, 1))
+            if stop:
+                logger.info("decoder stopped by the budget in epoch %d", epoch + 1)
+                break
+        return {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+
+    # ---- maps -----------------------------------------------------------------------------
+    def _require_fit(self) -> None:
+        if self.vit is None:
+            raise RuntimeError(f"{self.name}: call fit() before localize() or refine()")
+
+    @torch.no_grad()
+    def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
+        """FineCAM of each image's label class, (N, 1, h, w) float32 in [0, 1]."""
+        self._require_fit()
+        _check_imageset(batch, "batch")
+        device = torch.device(ctx.device)
+        h, w = batch.images.shape[1:3]
+        maps = []
+        for sub in batch.batches(self.config.infer_batch_size):
+            x = self._images(sub.images, device)
+            out = vit_forward_with_attention(self.vit, x)
+            labels = torch.from_numpy(np.asarray(sub.labels, dtype=np.int64)).to(device)
+            cam = resize(self._finecam(out, labels), (h, w)).clamp(0.0, 1.0)
+            maps.append(cam.cpu().numpy().astype(np.float32))
+        return np.concatenate(maps) if maps else np.zeros((0, 1, h, w), np.float32)
+
+    @torch.no_grad()
+    def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
+        """The ``map`` option's map: normalised BCE (``loss``), sigmoid (``decoder``), or FineCAM.
+
+        For ``loss`` and ``decoder`` the frozen ViT is run again (the decoder reads its token
+        map, and the loss map compares the decoder with FineCAM recomputed in the same pass,
+        unclamped when ``faithful``); ``maps`` gives the output size.
+        """
+        self._require_fit()
+        maps = np.asarray(maps)
+        if maps.ndim != 4 or maps.shape[0] != len(batch) or maps.shape[1] != 1:
+            raise ValueError(
+                f"{self.name}.refine: maps must be (N={len(batch)}, 1, h, w), got {maps.shape}"
+            )
+        if self.config.map == "finecam":
+            return maps.astype(np.float32, copy=False)
+        if self.decoder is None:
+            raise RuntimeError(f"{self.name}: the decoder was not trained (map=finecam at fit)")
+        device = torch.device(ctx.device)
+        size = tuple(maps.shape[-2:])
+        out_maps = []
+        for sub in batch.batches(self.config.infer_batch_size):
+            x = self._images(sub.images, device)
+            out = vit_forward_with_attention(self.vit, x)
+            labels = torch.from_numpy(np.asarray(sub.labels, dtype=np.int64)).to(device)
+            target = self._finecam(out, labels)  # (n, 1, S, S)
+            logits = resize(self.decoder(out.token_map()).float(), tuple(target.shape[-2:]))
+            if self.config.map == "decoder":
+                m = torch.sigmoid(logits)
+            else:
+                bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+                m = minmax_shift(bce)
+            out_maps.append(resize(m, size).clamp(0.0, 1.0).cpu().numpy().astype(np.float32))
+        return np.concatenate(out_maps)
+
+    def search_space(self, trial: Any) -> dict[str, Any]:
+        """Decoder size, clipping tau and decoder learning rate."""
+        return {
+            "decoder_size": trial.suggest_categorical("decoder_size", list(DECODER_CHANNELS)),
+            "clip_tau": trial.suggest_float("clip_tau", 1.0, 2.0),
+            "decoder_lr": trial.suggest_float("decoder_lr", 1e-4, 5e-2, log=True),
+        }
+
+
+def _check_imageset(data: ImageSet, what: str) -> None:
+    images = data.images
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(
+            f"weaktr_refinery: {what} images must be uint8 (N, H, W, 3), got "
+            f"{images.dtype} {images.shape}"
+        )
+    labels = np.asarray(data.labels)
+    if labels.ndim != 1 or len(labels) != images.shape[0]:
+        raise ValueError(
+            f"weaktr_refinery: {what} labels must be (N,) single-label class indices "
+            f"(multi-label data is not supported), got shape {labels.shape}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
+        raise ValueError(
+            f"weaktr_refinery: {what} labels must lie in [0, {data.num_classes}), got "
+            f"[{labels.min()}, {labels.max()}]"
+        )

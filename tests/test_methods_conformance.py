@@ -1,0 +1,241 @@
+"""Every registered method honours the contract (tiny preset, tiny synthetic data).
+
+Each method is fitted three times per session (a counting run, a same-seed rerun and a
+budget-cut run); the results are shared by the tests below through a module-scoped cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import numpy as np
+import pytest
+from torch import nn
+
+import methods  # noqa: F401  (registers every method)
+from methods.base import Context, ImageSet, Method, create_method, get_method, list_methods
+
+METHODS = list_methods()
+N_LOCALIZE = 6  # images passed to localize/refine
+
+
+class RecordingContext(Context):
+    """Counts should_continue calls and stage entries; returns False after ``limit`` calls."""
+
+    def __init__(self, limit: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limit = limit
+        self.events: list[tuple[str, Any]] = []
+
+    def should_continue(self) -> bool:
+        calls = sum(1 for kind, _ in self.events if kind == "call")
+        ok = self.limit is None or calls < self.limit
+        self.events.append(("call", ok))
+        if not ok:
+            self.budget_hit = True
+        return ok
+
+    def stage(self, name, compute):  # noqa: ANN001, ANN201
+        self.events.append(("stage", name))
+        return compute()
+
+    @property
+    def calls(self) -> int:
+        return sum(1 for kind, _ in self.events if kind == "call")
+
+
+@pytest.fixture(scope="module")
+def data(tiny_dataset, tiny_cache) -> dict[str, ImageSet]:
+    """Train sets without and with masks, and a small batch to localize."""
+    plain = ImageSet(
+        images=np.asarray(tiny_cache.images),
+        labels=np.asarray(tiny_cache.labels),
+        num_classes=tiny_dataset.num_classes,
+        names=list(tiny_cache.names),
+    )
+    with_masks = dataclasses.replace(plain, masks=np.asarray(tiny_cache.masks("pet")))
+    return {"plain": plain, "masks": with_masks}
+
+
+def _train_set(cls: type[Method], data: dict[str, ImageSet]) -> ImageSet:
+    return data["masks"] if cls.uses_masks else data["plain"]
+
+
+def _run(
+    name: str, data: dict[str, ImageSet], ctx: Context
+) -> tuple[Method, np.ndarray, np.ndarray]:
+    method = create_method(name, preset="tiny")
+    train = _train_set(type(method), data)
+    method.fit(train, ctx)
+    batch = train.subset(slice(0, N_LOCALIZE))
+    maps = method.localize(batch, ctx)
+    refined = method.refine(batch, maps, ctx)
+    return method, maps, refined
+
+
+_RESULTS: dict[tuple[str, str], Any] = {}
+
+
+@pytest.fixture(scope="module")
+def results(data, tmp_path_factory):
+    """Lazily computed runs, keyed by (method, kind), shared across the tests of this module."""
+
+    def get(name: str, kind: str) -> Any:
+        key = (name, kind)
+        if key not in _RESULTS:
+            workdir = tmp_path_factory.mktemp(f"{name}-{kind}")
+            if kind == "budget":
+                ctx = RecordingContext(limit=1, seed=3, workdir=workdir)
+            else:
+                ctx = RecordingContext(limit=None, seed=3, workdir=workdir)
+            method, maps, refined = _run(name, data, ctx)
+            _RESULTS[key] = {"method": method, "maps": maps, "refined": refined, "ctx": ctx}
+        return _RESULTS[key]
+
+    yield get
+    _RESULTS.clear()
+
+
+def _check_maps(maps: np.ndarray, n: int, hw: tuple[int, int], what: str) -> None:
+    assert isinstance(maps, np.ndarray), f"{what}: not a numpy array ({type(maps)})"
+    assert maps.shape == (n, 1, *hw), f"{what}: shape {maps.shape}"
+    assert maps.dtype == np.float32, f"{what}: dtype {maps.dtype}"
+    assert np.isfinite(maps).all(), f"{what}: NaN or inf"
+    assert maps.min() >= 0.0 and maps.max() <= 1.0, f"{what}: range [{maps.min()}, {maps.max()}]"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_maps_shape_dtype_range(name, results, data):
+    r = results(name, "full")
+    hw = data["plain"].images.shape[1:3]
+    _check_maps(r["maps"], N_LOCALIZE, hw, f"{name}.localize")
+    _check_maps(r["refined"], N_LOCALIZE, hw, f"{name}.refine")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_seed_same_maps(name, results):
+    a = results(name, "full")
+    b = results(name, "rerun")
+    assert a["method"] is not b["method"]
+    np.testing.assert_array_equal(a["maps"], b["maps"])
+    np.testing.assert_array_equal(a["refined"], b["refined"])
+
+
+def _modules_of(obj: Any, seen: set[int] | None = None) -> list[nn.Module]:
+    seen = set() if seen is None else seen
+    found: list[nn.Module] = []
+    values = vars(obj).values() if hasattr(obj, "__dict__") else []
+    for v in values:
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+        for item in items:
+            if isinstance(item, nn.Module) and id(item) not in seen:
+                seen.add(id(item))
+                found.append(item)
+    return found
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_hooks_left(name, results):
+    r = results(name, "full")
+    for module in _modules_of(r["method"]):
+        for sub in module.modules():
+            assert not sub._forward_hooks, f"{name}: forward hook left on {type(sub).__name__}"
+            assert not sub._forward_pre_hooks, f"{name}: pre-hook left on {type(sub).__name__}"
+            assert not sub._backward_hooks, f"{name}: backward hook left on {type(sub).__name__}"
+    from torch.nn.modules import module as module_mod
+
+    assert not module_mod._global_forward_hooks, f"{name}: global forward hook left"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_budget_stops_training(name, results, data):
+    full = results(name, "full")["ctx"]
+    if full.calls == 0:
+        assert get_method(name).kind == "reference", f"{name} never calls ctx.should_continue()"
+        return
+    assert full.calls >= 2, f"{name}: tiny preset makes only {full.calls} step(s); cannot test"
+    r = results(name, "budget")
+    ctx = r["ctx"]
+    events = ctx.events
+    first_false = next(i for i, e in enumerate(events) if e == ("call", False))
+    after = events[first_false + 1 :]
+    extra_calls = sum(1 for kind, _ in after if kind == "call")
+    later_stages = sum(1 for kind, _ in after if kind == "stage")
+    # after the budget says no, each later stage may ask once (and stop); nothing else may
+    assert extra_calls <= later_stages, (
+        f"{name}: {extra_calls} should_continue calls after it returned False "
+        f"(only {later_stages} later stages); training did not stop"
+    )
+    assert ctx.calls < full.calls
+    hw = data["plain"].images.shape[1:3]
+    _check_maps(r["maps"], N_LOCALIZE, hw, f"{name} (budget-cut).localize")
+
+
+def _changed_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 if value else 1
+    if isinstance(value, float):
+        return value * 2 if value else 0.5
+    return None
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_identity_round_trip(name):
+    method = create_method(name, preset="tiny")
+    assert method.identity() == name
+    tried = 0
+    for f in dataclasses.fields(method.config):
+        new = _changed_value(getattr(method.config, f.name))
+        if new is None:
+            continue
+        try:
+            changed = create_method(name, preset="tiny", **{f.name: new})
+        except ValueError:  # the method's own validation rejects this value: try another field
+            continue
+        tried += 1
+        ident = changed.identity()
+        assert ident.startswith(f"{name}[{f.name}="), ident
+        again = create_method(ident, preset="tiny")
+        assert again.config == changed.config, f"{ident} does not round-trip"
+        assert again.identity() == ident
+    numeric = [
+        f
+        for f in dataclasses.fields(method.config)
+        if _changed_value(getattr(method.config, f.name)) is not None
+    ]
+    assert tried or not numeric, f"{name}: no numeric field could be changed and round-tripped"
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(KeyError) as info:
+        create_method("no_such_method", preset="tiny")
+    message = str(info.value)
+    assert "no_such_method" in message
+    for name in METHODS:
+        assert name in message
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_config_frozen_presets_and_comments(name):
+    cls = get_method(name)
+    assert dataclasses.is_dataclass(cls.Config)
+    assert set(cls.presets) >= {"paper", "quick", "tiny"}
+    assert cls.presets["paper"] == {}, "paper preset must be the Config defaults"
+    cfg = cls.make_config("tiny")
+    fields = dataclasses.fields(cfg)
+    if fields:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(cfg, fields[0].name, getattr(cfg, fields[0].name))
+    lines = inspect.getsource(cls.Config).splitlines()
+    starts = [
+        i for i, ln in enumerate(lines) if ln.strip().split(":")[0] in {f.name for f in fields}
+    ]
+    for i, j in zip(starts, starts[1:] + [len(lines)]):
+        block = "\n".join(lines[max(0, i - 1) : j])  # a comment above, on, or in the field
+        assert "#" in block, f"{name}.Config: field on line {lines[i].strip()!r} has no comment"
+    assert len(starts) == len(fields)
+    assert cls.kind in ("method", "reference")
