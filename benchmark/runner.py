@@ -245,8 +245,10 @@ def prepare_data(cfg: RunConfig) -> DataBundle:
     names = list(split.train) + list(split.val) + list(split.test)
     cache = datasets.build_cache(dataset, names, cfg.size, out / "cache")
     position = {n: i for i, n in enumerate(cache.names)}
+    for reason in getattr(cache, "excluded", []) or []:
+        logger.warning("left out of the image cache: %s", reason)
     index = {
-        part: np.array([position[n] for n in getattr(split, part)], dtype=np.int64)
+        part: np.array([position[n] for n in getattr(split, part) if n in position], dtype=np.int64)
         for part in ("train", "val", "test")
     }
     return DataBundle(dataset=dataset, split=split, cache=cache, index=index, size=cfg.size)
@@ -565,6 +567,7 @@ class Runner:
             with measure(self.device) as pred_cost:
                 preds = predict_segmenter(model, np.asarray(test.images), seg_ctx)
             bcache.save_array(pred_path, preds.astype(np.float16), {"cost": pred_cost.to_dict()})
+            preds = bcache.load_array(pred_path)  # score what is stored, fresh or reused
             stage_costs["segmenter_predict"] = {**pred_cost.to_dict(), "reused": False}
 
         status = "budget" if ctx.budget_hit else "done"

@@ -273,11 +273,21 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             if "=" not in part:
                 raise ValueError(f"method spec {spec!r}: {part!r} is not k=v")
             key, raw = part.split("=", 1)
-            value = yaml.safe_load(raw.strip().replace("(", "[").replace(")", "]"))
+            value = _scalar(raw.strip(), yaml)
             if isinstance(value, list):
                 value = tuple(value)
             overrides[key.strip()] = value
     return name, overrides
+
+
+def _scalar(raw: str, yaml: Any) -> Any:
+    """A typed value: numbers first (YAML 1.1 reads ``5e-4`` as a string), then YAML."""
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw.replace("(", "[").replace(")", "]"))
 
 
 def _split_top(text: str) -> list[str]:

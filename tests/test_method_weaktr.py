@@ -379,3 +379,12 @@ def test_faithful_decoder_target_is_unclamped() -> None:
             targets[faithful] = method._finecam(vit_forward_with_attention(model, x), labels)
     assert targets[False].min() >= 0.0 and targets[False].max() <= 1.0
     assert targets[True].max() > 1.0 or targets[True].min() < 0.0
+
+
+def test_numeric_overrides_from_specs_are_numbers() -> None:
+    method = create_method("weaktr_refinery[lr=5e-4,epochs=3]", "tiny")  # YAML: "5e-4" is a str
+    assert method.config.lr == 5e-4 and isinstance(method.config.lr, float)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        create_method("weaktr_refinery[lr=fast]", "tiny")
+    with pytest.raises(TypeError, match="epochs must be an integer"):
+        create_method("weaktr_refinery[epochs=1.5]", "tiny")
