@@ -128,9 +128,7 @@ def _int(name: str, value: Any, minimum: int | None = None) -> None:
         raise ConfigError(f"--{name}: must be >= {minimum}, got {value}")
 
 
-def _number(
-    name: str, value: Any, low: float, high: float | None, open_low: bool = False
-) -> None:
+def _number(name: str, value: Any, low: float, high: float | None, open_low: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"--{name}: expected a number, got {value!r}")
     if value < low or (open_low and value == low) or (high is not None and value > high):

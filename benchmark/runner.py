@@ -304,9 +304,7 @@ def choose_threshold(
         sweep.add(positive_map(soft[0].astype(np.float32), convention), gt)
     counts = sweep.counts()
     best_t, _ = counts.best("iou")
-    curve = pd.DataFrame(
-        {"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}}
-    )
+    curve = pd.DataFrame({"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}})
     return float(best_t), curve
 
 
@@ -551,9 +549,7 @@ class Runner:
         seg_config = self.segmenter_config
         state = seg_ctx.stage(
             "train",
-            lambda: train_segmenter(
-                np.asarray(images_train.images), pseudo, seg_config, seg_ctx
-            ),
+            lambda: train_segmenter(np.asarray(images_train.images), pseudo, seg_config, seg_ctx),
         )
         stage_costs["segmenter"] = seg_ctx.costs["train"]
         model = build_segmenter(seg_config)
@@ -572,8 +568,14 @@ class Runner:
 
         status = "budget" if ctx.budget_hit else "done"
         reason = "cut by its budget; partial result kept" if ctx.budget_hit else ""
-        common = {**base, "status": status, "reason": reason, "threshold": threshold,
-                  "threshold_source": source, "n_gt_replaced": len(replaced)}
+        common = {
+            **base,
+            "status": status,
+            "reason": reason,
+            "threshold": threshold,
+            "threshold_source": source,
+            "n_gt_replaced": len(replaced),
+        }
         rows: list[dict[str, Any]] = []
         per_image: list[pd.DataFrame] = []
         names = {p: [b.cache.names[i] for i in b.index[p]] for p in ("train", "val", "test")}
@@ -583,12 +585,19 @@ class Runner:
         for convention in datasets.CONVENTIONS:
             evaluations = {
                 ("pseudo", "train"): evaluate_soft(
-                    maps["train"], b.orig_masks("train", convention), names["train"],
-                    _convert_threshold(threshold, cfg.convention, convention), convention, rep,
+                    maps["train"],
+                    b.orig_masks("train", convention),
+                    names["train"],
+                    _convert_threshold(threshold, cfg.convention, convention),
+                    convention,
+                    rep,
                 ),
                 ("maps", "test"): evaluate_soft(
-                    maps["test"], b.orig_masks("test", convention), names["test"],
-                    _convert_threshold(threshold, cfg.convention, convention), convention,
+                    maps["test"],
+                    b.orig_masks("test", convention),
+                    names["test"],
+                    _convert_threshold(threshold, cfg.convention, convention),
+                    convention,
                 ),
                 ("segmenter", "test"): evaluate_soft(
                     preds, b.orig_masks("test", convention), names["test"], 0.5, convention
@@ -601,9 +610,17 @@ class Runner:
                 ):
                     for metric in (*METRICS, "miou"):
                         if metric in values:
-                            rows.append({**common, "stage": stage, "split": part,
-                                         "convention": convention, "aggregation": aggregation,
-                                         "metric": metric, "value": float(values[metric])})
+                            rows.append(
+                                {
+                                    **common,
+                                    "stage": stage,
+                                    "split": part,
+                                    "convention": convention,
+                                    "aggregation": aggregation,
+                                    "metric": metric,
+                                    "value": float(values[metric]),
+                                }
+                            )
                 frame = ev.per_image()
                 frame.insert(0, "convention", convention)
                 frame.insert(0, "split", part)
@@ -613,9 +630,18 @@ class Runner:
             for metric, value in cost.items():
                 if metric == "reused":
                     continue
-                rows.append({**common, "stage": stage, "split": "", "convention": "",
-                             "aggregation": "cost", "metric": metric, "value": float(value),
-                             "reused": bool(cost.get("reused", False))})
+                rows.append(
+                    {
+                        **common,
+                        "stage": stage,
+                        "split": "",
+                        "convention": "",
+                        "aggregation": "cost",
+                        "metric": metric,
+                        "value": float(value),
+                        "reused": bool(cost.get("reused", False)),
+                    }
+                )
         frame = pd.concat(per_image, ignore_index=True)
         frame.insert(0, "method_id", base["method_id"])
         frame.insert(1, "seed", base["seed"])

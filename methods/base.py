@@ -197,9 +197,7 @@ class Method:
 
     def cache_key(self) -> str:
         """A stable JSON string of everything that determines this method's outputs."""
-        return json.dumps(
-            {"name": self.name, "params": self.params()}, sort_keys=True, default=str
-        )
+        return json.dumps({"name": self.name, "params": self.params()}, sort_keys=True, default=str)
 
     # ---- the three calls -------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:

@@ -91,14 +91,30 @@ def write_report(out: Path, report_dir: Path | None = None) -> Path:
     convention = "pet"
     parts = ["# wsss-bench report\n", "## Setup\n", _setup(rows)]
     sections = [
-        ("main", "Segmenter on test (primary: dataset-level IoU of the pet class)",
-         summarize(rows, "segmenter", "test", convention), None),
-        ("pseudo", "Pseudo masks on train (threshold chosen on validation)",
-         summarize(rows, "pseudo", "train", convention), {"threshold": "thr."}),
-        ("maps_test", "Method maps on test at the validation threshold",
-         summarize(rows, "maps", "test", convention), None),
-        ("main_image_mean", "Segmenter on test, mean of per-image scores",
-         summarize(rows, "segmenter", "test", convention, "image_mean"), None),
+        (
+            "main",
+            "Segmenter on test (primary: dataset-level IoU of the pet class)",
+            summarize(rows, "segmenter", "test", convention),
+            None,
+        ),
+        (
+            "pseudo",
+            "Pseudo masks on train (threshold chosen on validation)",
+            summarize(rows, "pseudo", "train", convention),
+            {"threshold": "thr."},
+        ),
+        (
+            "maps_test",
+            "Method maps on test at the validation threshold",
+            summarize(rows, "maps", "test", convention),
+            None,
+        ),
+        (
+            "main_image_mean",
+            "Segmenter on test, mean of per-image scores",
+            summarize(rows, "segmenter", "test", convention, "image_mean"),
+            None,
+        ),
     ]
     for name, title, summary, extra in sections:
         md = format_table(summary, extra=extra)
@@ -126,8 +142,10 @@ def write_report(out: Path, report_dir: Path | None = None) -> Path:
     cost = cost_table(rows)
     if not cost.empty:
         cost.to_csv(tables / "cost.csv")
-        parts += ["## Cost (wall seconds per stage)\n",
-                  cost.to_markdown() + "\n" if _has_tabulate() else cost.to_string() + "\n"]
+        parts += [
+            "## Cost (wall seconds per stage)\n",
+            cost.to_markdown() + "\n" if _has_tabulate() else cost.to_string() + "\n",
+        ]
     bad = failed_runs(rows)
     if not bad.empty:
         parts += ["## Failed runs\n", bad.to_string(index=False) + "\n"]

@@ -52,10 +52,23 @@ def _quality(rows: pd.DataFrame) -> pd.DataFrame:
 def test_rows_are_tidy_and_complete(tiny_run):
     out, cfg, rows = tiny_run
     assert set(rows["status"]) == {"done"}
-    for col in ("split_sha256", "seed", "gt_ratio", "convention", "image_size", "device",
-                "v_torch", "v_git_commit", "threshold", "date", "params"):
+    for col in (
+        "split_sha256",
+        "seed",
+        "gt_ratio",
+        "convention",
+        "image_size",
+        "device",
+        "v_torch",
+        "v_git_commit",
+        "threshold",
+        "date",
+        "params",
+    ):
         assert col in rows, col
-    seg = rows[(rows.stage == "segmenter") & (rows.metric == "iou") & (rows.aggregation == "dataset")]
+    seg = rows[
+        (rows.stage == "segmenter") & (rows.metric == "iou") & (rows.aggregation == "dataset")
+    ]
     assert set(seg["convention"]) == {"pet", "pet_with_border", "weaktr_refinery"}
     assert rows["split_sha256"].nunique() == 1  # identical split for every method
     stored = read_results(out)
@@ -64,7 +77,9 @@ def test_rows_are_tidy_and_complete(tiny_run):
 
 def test_references_behave(tiny_run):
     _, _, rows = tiny_run
-    sel = rows[(rows.stage == "pseudo") & (rows.convention == "pet") & (rows.aggregation == "dataset")]
+    sel = rows[
+        (rows.stage == "pseudo") & (rows.convention == "pet") & (rows.aggregation == "dataset")
+    ]
     val = sel.set_index(["method_id", "metric"])["value"]
     # supervised pseudo masks are the GT masks themselves
     assert val[("supervised", "iou")] == pytest.approx(1.0)
@@ -132,11 +147,29 @@ def test_sigkill_mid_training_resumes_to_identical_rows(tmp_path):
     """Kill a run with SIGKILL during a training stage; the re-run equals an uninterrupted one."""
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
     method = "cam[epochs=40]"
-    args = [sys.executable, "-m", "benchmark", "run", "--methods", method, "--preset", "tiny",
-            "--device", "cpu", "--segmenter-epochs", "1", "--no-report"]
+    args = [
+        sys.executable,
+        "-m",
+        "benchmark",
+        "run",
+        "--methods",
+        method,
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--segmenter-epochs",
+        "1",
+        "--no-report",
+    ]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args + ["--out", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     work = None
     while time.time() < deadline:
@@ -151,11 +184,11 @@ def test_sigkill_mid_training_resumes_to_identical_rows(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_results(killed).empty  # nothing was recorded as a result
-    subprocess.run(args + ["--out", str(killed)], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        args + ["--out", str(killed)], cwd=REPO, env=env, check=True, capture_output=True
+    )
     fresh = tmp_path / "fresh"
-    subprocess.run(args + ["--out", str(fresh)], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(args + ["--out", str(fresh)], cwd=REPO, env=env, check=True, capture_output=True)
     a, b = _quality(read_results(killed)), _quality(read_results(fresh))
     assert len(a) > 0
     pd.testing.assert_frame_equal(a, b)
