@@ -196,12 +196,15 @@ def pair_affinities(embedding: torch.Tensor, grid: PairGrid) -> torch.Tensor:
 
 # ---- the network ---------------------------------------------------------------------------
 class AffinityNet(nn.Module):
-    """Backbone stages 2-4 -> 1x1 reductions (+ELU) -> concat -> 1x1 conv (+ELU) embedding.
+    """Three backbone stages -> 1x1 reductions (+ELU) -> concat -> 1x1 conv (+ELU) embedding.
 
     Args:
         backbone: timm ResNet name.
         pretrained: False, True or a local weights file.
-        dims: output channels of the three reductions (psa: 64, 128, 256).
+        stages: which ResNet stages feed the embedding, 1-based (1 = layer1, stride 4; 2 =
+            layer2, stride 8; 3, 4 = layer3, layer4, stride 16 or 8); all are resized to the
+            stride-8 grid (average pooling down, bilinear up).
+        dims: output channels of the reductions, one per stage (psa: 64, 128, 256).
         embed_dim: embedding channels (psa: 448).
         output_stride: 16 (layer3/4 upsampled to stride 8) or 8 (dilated).
     """
@@ -210,13 +213,20 @@ class AffinityNet(nn.Module):
         self,
         backbone: str = "resnet50",
         pretrained: bool | str = False,
-        dims: tuple[int, int, int] = (64, 128, 256),
+        stages: tuple[int, ...] = (2, 3, 4),
+        dims: tuple[int, ...] = (64, 128, 256),
         embed_dim: int = 448,
         output_stride: int = 16,
     ) -> None:
         super().__init__()
+        if len(stages) != len(dims) or not set(stages) <= {1, 2, 3, 4}:
+            raise ValueError(
+                f"AffinityNet: stages {stages} must be distinct values in 1..4, one per "
+                f"reduction width in dims {dims}"
+            )
+        self.stages = tuple(int(s) for s in stages)
         self.backbone = create_resnet(backbone, pretrained=pretrained, output_stride=output_stride)
-        channels = self.backbone.channels[1:]  # layer2, layer3, layer4
+        channels = [self.backbone.channels[s - 1] for s in self.stages]
         self.reduce = nn.ModuleList(
             nn.Conv2d(c, d, 1, bias=False) for c, d in zip(channels, dims, strict=True)
         )
@@ -241,12 +251,14 @@ class AffinityNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings (N, embed_dim, h, w) on the stride-8 grid of ``x`` (N, 3, H, W)."""
-        feats = self.backbone(x)[1:]  # layer2 (stride 8), layer3, layer4
-        size = feats[0].shape[-2:]
+        feats = self.backbone(x)  # layer1..layer4
+        size = feats[1].shape[-2:]  # layer2: stride 8
         parts = []
-        for f, conv in zip(feats, self.reduce, strict=True):
-            y = F.elu(conv(f))
-            if y.shape[-2:] != size:
+        for s, conv in zip(self.stages, self.reduce, strict=True):
+            y = F.elu(conv(feats[s - 1]))
+            if y.shape[-2] > size[0]:
+                y = F.adaptive_avg_pool2d(y, size)
+            elif y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             parts.append(y)
         return F.elu(self.embed(torch.cat(parts, dim=1)))
@@ -306,7 +318,8 @@ class Config:
     # stage "affinity": AffinityNet
     aff_backbone: str = "resnet50"  # AffinityNet backbone (psa: ResNet-38; see deviations)
     aff_output_stride: int = 16  # 16: layer3/4 upsampled to stride 8; 8: dilated (4x cost)
-    aff_dims: tuple[int, int, int] = (64, 128, 256)  # 1x1 reductions of the 3 stages (psa)
+    aff_stages: tuple[int, ...] = (2, 3, 4)  # ResNet stages of the embedding (psa: conv4-6)
+    aff_dims: tuple[int, ...] = (64, 128, 256)  # 1x1 reductions of the 3 stages (psa)
     aff_embed_dim: int = 448  # embedding channels of the last 1x1 conv (psa: 448)
     aff_init_from_classifier: bool = False  # start the backbone from the CAM classifier's
     aff_epochs: int = 8  # psa train_aff max_epoches
@@ -413,6 +426,7 @@ class CAMAffinityNet(Method):
         return AffinityNet(
             cfg.aff_backbone,
             pretrained=pretrained,
+            stages=tuple(cfg.aff_stages),
             dims=tuple(cfg.aff_dims),
             embed_dim=cfg.aff_embed_dim,
             output_stride=cfg.aff_output_stride,

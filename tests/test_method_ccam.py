@@ -173,7 +173,7 @@ def _group(opt, name):
 
 def test_default_optimizer_as_intended(tiny_cfg):
     net = _net()
-    cfg = replace(tiny_cfg, lr=1e-3, weight_decay=1e-4, faithful=False)
+    cfg = replace(tiny_cfg, optimizer="sgd", lr=1e-3, weight_decay=1e-4, faithful=False)
     opt = build_optimizer(net, cfg)
     assert isinstance(opt, torch.optim.SGD)
     assert _group(opt, "backbone")["lr"] == pytest.approx(1e-3)
@@ -185,7 +185,7 @@ def test_default_optimizer_as_intended(tiny_cfg):
 
 def test_faithful_optimizer_has_the_official_quirks(tiny_cfg):
     net = _net()
-    cfg = replace(tiny_cfg, lr=1e-3, weight_decay=1e-4, faithful=True)
+    cfg = replace(tiny_cfg, optimizer="sgd", lr=1e-3, weight_decay=1e-4, faithful=True)
     opt = build_optimizer(net, cfg)
     assert _group(opt, "new")["lr"] == pytest.approx(_group(opt, "backbone")["lr"])  # no 10x
     assert all(g["momentum"] == pytest.approx(1e-4) for g in opt.param_groups)  # wd in momentum
@@ -229,7 +229,7 @@ def test_fit_localize_and_polarity_survives_the_stage_cache():
 
 def test_budget_stops_training_and_still_votes_polarity():
     data = _imageset()
-    method = create_method("ccam_ecs[epochs=5,ecs=false]", "tiny")
+    method = create_method("ccam_ecs[epochs=5,ecs=false,faithful=true,optimizer=sgd]", "tiny")
     ctx = RecordingContext(max_steps=1)
     method.fit(data, ctx)
     assert ctx.steps == 1

@@ -239,3 +239,79 @@ def test_config_frozen_presets_and_comments(name):
         assert "#" in block, f"{name}.Config: field on line {lines[i].strip()!r} has no comment"
     assert len(starts) == len(fields)
     assert cls.kind in ("method", "reference")
+
+
+# ---- the references' own behaviour ----------------------------------------------------------
+
+
+def _masked_set(masks: np.ndarray) -> ImageSet:
+    n, h, w = masks.shape
+    return ImageSet(
+        images=np.zeros((n, h, w, 3), np.uint8),
+        labels=np.zeros(n, np.int64),
+        num_classes=1,
+        names=[str(i) for i in range(n)],
+        masks=masks,
+    )
+
+
+def test_references_are_marked():
+    for name in ("supervised", "all_foreground", "centre_prior"):
+        assert get_method(name).kind == "reference"
+        assert get_method(name).fixed_threshold == 0.5
+    assert get_method("supervised").pseudo_from_gt is True
+    assert get_method("supervised").uses_masks and get_method("centre_prior").uses_masks
+    assert not get_method("all_foreground").uses_masks
+
+
+def test_supervised_returns_the_mask_and_needs_it():
+    masks = np.zeros((2, 4, 6), np.uint8)
+    masks[0, 1:3, 2:5] = 1
+    masks[1, 0, :] = 255
+    batch = _masked_set(masks)
+    method = create_method("supervised", preset="tiny")
+    maps = method.localize(batch, Context())
+    np.testing.assert_array_equal(maps[:, 0], (masks == 1).astype(np.float32))
+    batch.masks = None
+    with pytest.raises(ValueError, match="masks"):
+        method.localize(batch, Context())
+
+
+def test_all_foreground_is_all_ones():
+    maps = create_method("all_foreground", preset="tiny").localize(
+        _masked_set(np.zeros((3, 5, 7), np.uint8)), Context()
+    )
+    assert maps.shape == (3, 1, 5, 7) and (maps == 1.0).all()
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.35, 0.9])
+def test_centre_prior_covers_the_mean_fraction(fraction):
+    h, w = 60, 90
+    masks = np.zeros((2, h, w), np.uint8)
+    # image 0: pet fraction `fraction` of labelled pixels; image 1: the same, with ignore pixels
+    masks[0].flat[: round(fraction * h * w)] = 1
+    masks[1, :10] = 255
+    labelled = (h - 10) * w
+    masks[1, 10:].flat[: round(fraction * labelled)] = 1
+    method = create_method("centre_prior", preset="tiny")
+    method.fit(_masked_set(masks), Context())
+    assert method.fraction == pytest.approx(fraction, abs=1e-3)
+    maps = method.localize(_masked_set(np.zeros((1, h, w), np.uint8)), Context())
+    assert set(np.unique(maps)) <= {0.0, 1.0}
+    assert maps.mean() == pytest.approx(fraction, abs=0.01)
+    ellipse = maps[0, 0]
+    assert ellipse[h // 2, w // 2] == 1.0  # centred
+    np.testing.assert_array_equal(ellipse, ellipse[::-1, ::-1])  # symmetric about the centre
+    if fraction < 0.5:
+        assert ellipse[0].sum() == 0 and ellipse[:, 0].sum() == 0  # away from the border
+        rows, cols = np.nonzero(ellipse)
+        aspect = (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
+        assert aspect == pytest.approx(w / h, rel=0.15)  # the image's aspect
+
+
+def test_centre_prior_errors():
+    method = create_method("centre_prior", preset="tiny")
+    with pytest.raises(RuntimeError, match="before fit"):
+        method.localize(_masked_set(np.zeros((1, 4, 4), np.uint8)), Context())
+    with pytest.raises(ValueError, match="entirely ignored"):
+        method.fit(_masked_set(np.full((2, 4, 4), 255, np.uint8)), Context())
