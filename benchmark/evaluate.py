@@ -563,6 +563,12 @@ class SweepCounts:
         return out
 
 
+# Pixels per batch of ThresholdSweep.add_many: the work buffers stay in cache.
+_SWEEP_CHUNK = 1 << 16
+# Largest (GT value range) x (bins) histogram of the batched path; beyond it, per-image offsets.
+_SWEEP_MAX_KEYS = 1 << 22
+
+
 def _gt_offsets(
     gt: np.ndarray,
     positive: int,
@@ -604,6 +610,10 @@ class ThresholdSweep:
     float32 times an integer below 2**29 is exact in float64); it is one bin too low only when v
     equals a grid threshold that float32 rounded down, which one comparison corrects.
 
+    :meth:`add_many` batches consecutive images whose maps already have their GT's size: one
+    validation (min/max) and one ``bincount`` of ``gt_value * (n_bins + 1) + bin`` per batch,
+    in reused int32/float64 buffers. :meth:`add` is :meth:`add_many` with one image.
+
     Args:
         n_bins: Number of threshold intervals; thresholds are ``i / n_bins``, i = 0..n_bins.
         num_classes: Number of GT classes (GT values are validated against it).
@@ -622,8 +632,28 @@ class ThresholdSweep:
         # Float32 grid with a +inf sentinel so that bin n_bins never moves up.
         self._t32_next = np.append(self.thresholds.astype(np.float32)[1:], np.float32(np.inf))
         self._near = self.n_bins * 2.0**-23  # generous bound on n_bins * |float32 rounding|
+        self._next_scaled = self._t32_next.astype(np.float64) * self.n_bins  # exact products
         self._hist = np.zeros((3, self.n_bins + 1), dtype=np.int64)  # (neg, pos, ignore) x bins
         self._n_images = 0
+        self._work: tuple[np.ndarray, ...] | None = None
+
+    def _bin_scaled(self, scaled: np.ndarray, b: np.ndarray, mask: np.ndarray) -> None:
+        """Write into the int32 ``b`` the bin of each value of ``scaled = v * n_bins``.
+
+        ``scaled`` holds the exact float64 products of float32 values v in [0, 1] and
+        ``n_bins``; it is overwritten with the fractional parts. ``mask`` (bool) is scratch.
+        """
+        np.copyto(b, scaled, casting="unsafe")  # truncation = floor, since v >= 0
+        # b is one too low only when v equals a grid point that float32 rounded down; then
+        # v * n_bins lies within n_bins * 2**-25 below the integer b + 1.
+        frac = np.subtract(scaled, b, out=scaled)  # exact: drops the integer bits
+        np.greater_equal(frac, 1.0 - self._near, out=mask)
+        cand = np.flatnonzero(mask)
+        if cand.size:  # none for most continuous maps, many for quantised ones (k / 255)
+            bc = b[cand]
+            # float32(t_{i+1}) <= v  <=>  float32(t_{i+1}) * n <= v * n (both products exact);
+            # v * n = b + frac exactly
+            b[cand] = bc + (self._next_scaled[bc] <= bc + frac[cand])
 
     def bin_index(self, values: np.ndarray) -> np.ndarray:
         """Bin of each value v in [0, 1] (as float32): the largest i with float32(i/n_bins) <= v.
@@ -632,20 +662,13 @@ class ThresholdSweep:
             values: Array of values in [0, 1].
 
         Returns:
-            Integer array of the same shape, values in [0, n_bins].
+            int32 array of the same shape, values in [0, n_bins].
         """
         v = np.asarray(values, dtype=np.float32)
-        scaled = np.multiply(v, float(self.n_bins), dtype=np.float64)  # exact product
-        b = scaled.astype(np.int32)  # floor, since v >= 0
-        # b is one too low only when v equals a grid point that float32 rounded down; then
-        # v * n_bins lies within n_bins * 2**-25 below the integer b + 1.
-        np.subtract(scaled, b, out=scaled)
-        cand = np.flatnonzero(scaled >= 1.0 - self._near)
-        if cand.size:  # none for most continuous maps, many for quantised ones (k / 255)
-            flat = b.reshape(-1)  # a view: b is a fresh contiguous array
-            bc = flat[cand]
-            flat[cand] = bc + (self._t32_next[bc] <= v.reshape(-1)[cand])
-        return b
+        scaled = np.multiply(v.reshape(-1), float(self.n_bins), dtype=np.float64)  # exact
+        b = np.empty(scaled.size, dtype=np.int32)
+        self._bin_scaled(scaled, b, np.empty(b.size, dtype=np.bool_))
+        return b.reshape(v.shape)
 
     def add(
         self, soft: np.ndarray, gt: np.ndarray, positive: int = 1, name: str | None = None
@@ -661,18 +684,152 @@ class ThresholdSweep:
         Raises:
             ValueError: Invalid map or GT (see :meth:`Evaluator.add_map`).
         """
+        self.add_many([soft], [gt], positive=positive, names=[name])
+
+    def add_many(
+        self,
+        maps: Iterable[np.ndarray],
+        gts: Iterable[np.ndarray],
+        positive: int = 1,
+        names: Sequence[str | None] | None = None,
+    ) -> None:
+        """Accumulate several images at once (same counts as :meth:`add` on each, faster).
+
+        All or nothing: if any image is invalid, nothing is accumulated.
+
+        Args:
+            maps: (h, w) maps in [0, 1], any resolution (resized bilinearly to their GT's size);
+                a (N, H, W) array works too.
+            gts: (H, W) GT label arrays, one per map.
+            positive: GT class counted as positive; every other class is negative.
+            names: Image names quoted in error messages; defaults to ``"#<index>"``.
+
+        Raises:
+            ValueError: Lengths differ, or an invalid map or GT (see :meth:`Evaluator.add_map`).
+        """
         if not 0 <= positive < self.num_classes:
             raise ValueError(f"positive class {positive} is outside [0, {self.num_classes})")
-        gt = _check_labels(gt, "GT", name)
-        v = _prepare_map(soft, gt.shape, name)
+        maps, gts = list(maps), list(gts)
+        if len(maps) != len(gts):
+            raise ValueError(f"{len(maps)} maps but {len(gts)} GT masks")
+        if names is None:
+            names = [f"#{i}" for i in range(len(maps))]
+        elif len(names) != len(maps):
+            raise ValueError(f"{len(maps)} maps but {len(names)} names")
+        gts = [_check_labels(g, "GT", n) for g, n in zip(gts, names)]
+        hist = np.zeros_like(self._hist)
+        start = 0
+        while start < len(gts):
+            shape = gts[start].shape
+            if len(shape) != 2:
+                raise ValueError(f"GT must be 2-D (H, W), got shape {shape}{_where(names[start])}")
+            per = max(1, _SWEEP_CHUNK // max(1, gts[start].size))
+            stop = start + 1
+            while stop < len(gts) and stop - start < per and gts[stop].shape == shape:
+                stop += 1
+            self._add_batch(maps[start:stop], gts[start:stop], names[start:stop], positive, hist)
+            start = stop
+        self._hist += hist
+        self._n_images += len(gts)
+
+    def _add_batch(
+        self,
+        maps: list[np.ndarray],
+        gts: list[np.ndarray],
+        names: Sequence[str | None],
+        positive: int,
+        hist: np.ndarray,
+    ) -> None:
+        """Histogram a batch of images whose GTs share one shape into ``hist``."""
+        shape = gts[0].shape
+        size = gts[0].size
+        n = len(maps) * size
+        scaled, b, mask, idx = self._workspace(n)
+        scale = float(self.n_bins)
+        direct = []  # float32 maps used as they are: validated below, all at once
+        for j, (m, name) in enumerate(zip(maps, names)):
+            m = np.asarray(m)
+            if m.dtype != np.float32 or m.shape != shape:
+                m = _prepare_map(m, shape, name)
+            else:
+                direct.append(j)
+            # exact float64 products (a float32 times an integer below 2**29)
+            np.multiply(
+                m.reshape(-1), scale, out=scaled[j * size : (j + 1) * size], dtype=np.float64
+            )
+        if direct:
+            # the products are exact: min < 0 or max > n_bins iff the map leaves [0, 1]
+            lo, hi = float(scaled.min()), float(scaled.max())
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= scale):
+                for j in direct:
+                    _prepare_map(maps[j], shape, names[j])  # raises, naming the image
+        g = np.stack(gts)
+        if g.dtype == np.bool_:
+            g = g.view(np.uint8)
+        block = self.n_bins + 1
+        gmin, gmax = int(g.min()), int(g.max())
+        if gmin < 0 or (gmax + 1) * block > _SWEEP_MAX_KEYS:
+            for j, name in enumerate(names):
+                v = scaled[j * size : (j + 1) * size] / scale  # exact: recovers the float32 map
+                hist += self._offsets_hist(v.reshape(shape), gts[j], positive, name)
+            return
+        self._bin_scaled(scaled, b, mask)
+        np.multiply(g.reshape(-1), block, out=idx, dtype=np.int32)  # < 2**22: no overflow
+        np.add(idx, b, out=idx)
+        by_value = np.bincount(idx, minlength=(gmax + 1) * block).reshape(-1, block)
+        self._fold(by_value, positive, hist, gts, names)
+
+    def _workspace(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Reused scratch buffers of length ``n``: float64, int32 bin, bool, int32 key."""
+        if self._work is None or self._work[0].size < n:
+            size = max(n, _SWEEP_CHUNK)
+            self._work = (
+                np.empty(size, dtype=np.float64),
+                np.empty(size, dtype=np.int32),
+                np.empty(size, dtype=np.bool_),
+                np.empty(size, dtype=np.int32),
+            )
+        return tuple(w[:n] for w in self._work)  # type: ignore[return-value]
+
+    def _fold(
+        self,
+        by_value: np.ndarray,
+        positive: int,
+        hist: np.ndarray,
+        gts: list[np.ndarray],
+        names: Sequence[str | None],
+    ) -> None:
+        """Add a (GT value, bin) histogram to ``hist`` as (negative, positive, ignored) rows."""
+        k = by_value.shape[0]
+        known = np.zeros(k, dtype=np.bool_)
+        known[: min(k, self.num_classes)] = True
+        if 0 <= self.ignore_index < k:
+            known[self.ignore_index] = True
+            hist[2] += by_value[self.ignore_index]
+        if by_value[~known].any():
+            for g, name in zip(gts, names):
+                bad = np.asarray(g)
+                ok = ((bad >= 0) & (bad < self.num_classes)) | (bad == self.ignore_index)
+                if not ok.all():
+                    raise _bad_gt(bad, self.num_classes, self.ignore_index, name)
+        if positive < k:
+            hist[1] += by_value[positive]
+        neg = by_value[: min(k, self.num_classes)].sum(axis=0)
+        if positive < k:
+            neg -= by_value[positive]
+        hist[0] += neg
+
+    def _offsets_hist(
+        self, v: np.ndarray, gt: np.ndarray, positive: int, name: str | None
+    ) -> np.ndarray:
+        """(neg, pos, ignore) x bins histogram of one image with any GT values (slower path)."""
         block = self.n_bins + 1
         idx = _gt_offsets(gt, positive, self.num_classes, self.ignore_index, block)
         idx += self.bin_index(v)
         hist = np.bincount(idx.reshape(-1), minlength=4 * block).reshape(4, block)
         if hist[3].any():
             raise _bad_gt(gt, self.num_classes, self.ignore_index, name)
-        self._hist += hist[:3]
-        self._n_images += 1
+        return hist[:3]
 
     def counts(self) -> SweepCounts:
         """TP/FP/FN/TN at every grid threshold, summed over the images added so far."""

@@ -139,8 +139,7 @@ def _threshold_sweep(smoke: bool) -> dict[str, Any]:
 
     def ours() -> Any:
         sweep = ThresholdSweep(n_bins)
-        for m, g in zip(maps, gts):
-            sweep.add(m, g)
+        sweep.add_many(maps, gts)  # batched path: one bincount per ~65k pixels
         return sweep.counts()
 
     def baseline() -> Any:
@@ -156,7 +155,7 @@ def _threshold_sweep(smoke: bool) -> dict[str, Any]:
         "baseline_s": base_s,
         "target": 50.0,
         "throughput": f"{n / ours_s:,.0f} maps/s vs {n / base_s:,.0f} maps/s",
-        "note": f"{n} maps {size}x{size}, {n_bins + 1} thresholds; ThresholdSweep vs "
+        "note": f"{n} maps {size}x{size}, {n_bins + 1} thresholds; ThresholdSweep.add_many vs "
         "sweep_naive (one confusion_matrix per threshold and image); counts identical",
     }
 

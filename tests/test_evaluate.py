@@ -365,6 +365,49 @@ def test_one_pass_sweep_equals_naive_loop_at_every_threshold(n_bins):
     assert best_t == naive.thresholds[i] and best_v == naive_iou[i]
 
 
+@pytest.mark.parametrize("n_bins", [100, 1000])
+def test_add_many_equals_naive_loop_and_is_all_or_nothing(n_bins):
+    maps, gts = _sweep_inputs(n_bins, seed=3)
+    # same-size runs (batched), a float64 map, a bool GT and an int64 GT with a large label
+    rng = np.random.default_rng(4)
+    grid = (np.arange(n_bins + 1) / n_bins).astype(np.float32)
+    for k in range(5):
+        m = rng.choice(grid, (16, 16)) if k % 2 else rng.random((16, 16)).astype(np.float32)
+        maps.append(m.astype(np.float64) if k == 4 else m)
+        g = (rng.random((16, 16)) < 0.5).astype(np.uint8)
+        g[0, k] = IGNORE
+        gts.append(g)
+    gts.append(rng.random((16, 16)) < 0.5)
+    maps.append(rng.choice(grid, (16, 16)))
+    big = np.where(rng.random((16, 16)) < 0.5, 1, 300).astype(np.int64)
+    gts.append(big)
+    maps.append(rng.random((16, 16)).astype(np.float32))
+    sweep = ThresholdSweep(n_bins, ignore_index=300)
+    naive = sweep_naive(maps[-1:], gts[-1:], np.arange(n_bins + 1) / n_bins, ignore_index=300)
+    sweep.add_many(maps[-1:], gts[-1:])
+    np.testing.assert_array_equal(sweep.counts().tp, naive.tp)
+    np.testing.assert_array_equal(sweep.counts().fp, naive.fp)
+    maps, gts = maps[:-1], gts[:-1]
+    for positive in (0, 1):
+        sweep = ThresholdSweep(n_bins)
+        sweep.add_many(maps, gts, positive=positive)
+        fast = sweep.counts()
+        naive = sweep_naive(maps, gts, np.arange(n_bins + 1) / n_bins, positive=positive)
+        for key in ("tp", "fp", "fn", "tn"):
+            np.testing.assert_array_equal(getattr(fast, key), getattr(naive, key), err_msg=key)
+        assert fast.n_images == len(maps)
+    bad_gt = [g.copy() for g in gts[-3:]]
+    bad_gt[1] = np.full_like(bad_gt[1], 2)
+    with pytest.raises(ValueError, match=r"found \[2\].*'b'"):
+        sweep.add_many(maps[-3:], bad_gt, names=["a", "b", "c"])
+    bad_map = [m.copy() for m in maps[-3:]]
+    bad_map[2] = np.full((16, 16), 1.5, np.float32)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*'#2'"):
+        sweep.add_many(bad_map, gts[-3:])
+    assert sweep.counts().n_images == len(maps)  # failed calls changed nothing
+    np.testing.assert_array_equal(sweep.counts().tp, fast.tp)
+
+
 def test_bin_index_is_exact_for_float32_values_around_every_grid_point():
     edge_case_seen = False
     for n_bins in (100, 255, 1000):

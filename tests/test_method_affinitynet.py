@@ -65,7 +65,9 @@ def test_affinity_labels_pair_counts_by_hand():
     assert grid.num_pairs == 11  # 4 horizontal + 3 vertical + 4 diagonal
     pos_bg, pos_fg, neg = affinity_labels(labels, grid)
     pairs = {
-        name: {tuple(sorted((int(grid.src[e]), int(grid.dst[e])))) for e in torch.nonzero(m[0])[:, 0]}
+        name: {
+            tuple(sorted((int(grid.src[e]), int(grid.dst[e])))) for e in torch.nonzero(m[0])[:, 0]
+        }
         for name, m in (("bg", pos_bg), ("fg", pos_fg), ("neg", neg))
     }
     # flat indices: 0 1 2 / 3 4 5
