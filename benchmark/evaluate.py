@@ -34,11 +34,15 @@ Conventions (documented once, used everywhere):
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from benchmark import kernels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,6 +56,8 @@ METRICS = ("iou", "dice", "accuracy", "precision", "recall")
 _DENSE_LABEL_LIMIT = 1 << 16
 # Beyond this, float32 cannot tell neighbouring grid thresholds apart near 1.
 _MAX_BINS = 1 << 20
+# ThresholdSweep.add_many uses threads from this many pixels on (below, their start-up dominates).
+_PARALLEL_PIXELS = 1 << 18
 
 
 def _where(name: str | None) -> str:
@@ -563,38 +569,30 @@ class SweepCounts:
         return out
 
 
-# Pixels per batch of ThresholdSweep.add_many: the work buffers stay in cache.
-_SWEEP_CHUNK = 1 << 16
-# Largest (GT value range) x (bins) histogram of the batched path; beyond it, per-image offsets.
-_SWEEP_MAX_KEYS = 1 << 22
+def _gt_codes(
+    gt: np.ndarray, positive: int, num_classes: int, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """GT as uint8 plus the 256-entry table from its values to sweep codes.
 
-
-def _gt_offsets(
-    gt: np.ndarray,
-    positive: int,
-    num_classes: int,
-    ignore_index: int,
-    block: int,
-) -> np.ndarray:
-    """Per-pixel offset of the histogram block of each GT pixel, as intp.
-
-    Blocks: 0 = negative, 1 = positive, 2 = ignored, 3 = invalid GT value (checked by the
-    caller from the block's count, which spares a separate validation pass).
+    Codes (:mod:`benchmark.kernels`): 0 negative, 1 positive, 2 ignored, 3 invalid (a value
+    that is neither a class nor ``ignore_index``; the caller raises when any is counted).
+    uint8 and bool GT (the usual case) are used as they are; other integer GT is mapped to
+    codes first, with the identity table.
     """
-    gmin, gmax = int(gt.min()), int(gt.max())
-    if gmin >= 0 and gmax < _DENSE_LABEL_LIMIT:
-        size = max(gmax, num_classes - 1, ignore_index) + 1
-        lut = np.full(size, 3 * block, dtype=np.intp)
-        lut[:num_classes] = 0
-        lut[positive] = block
-        if ignore_index >= 0:
-            lut[ignore_index] = 2 * block
-        return np.take(lut, gt)
-    offsets = np.full(gt.shape, 3 * block, dtype=np.intp)
-    offsets[(gt >= 0) & (gt < num_classes)] = 0
-    offsets[gt == positive] = block
-    offsets[gt == ignore_index] = 2 * block
-    return offsets
+    if gt.dtype == np.bool_:
+        gt = gt.view(np.uint8)
+    if gt.dtype == np.uint8:
+        table = np.full(256, kernels.INVALID, dtype=np.uint8)
+        table[: min(num_classes, 256)] = kernels.NEGATIVE
+        table[positive] = kernels.POSITIVE
+        if 0 <= ignore_index < 256:
+            table[ignore_index] = kernels.IGNORED
+        return gt, table
+    codes = np.full(gt.shape, kernels.INVALID, dtype=np.uint8)
+    codes[(gt >= 0) & (gt < num_classes)] = kernels.NEGATIVE
+    codes[gt == positive] = kernels.POSITIVE
+    codes[gt == ignore_index] = kernels.IGNORED
+    return codes, np.arange(256, dtype=np.uint8)
 
 
 class ThresholdSweep:
@@ -610,50 +608,36 @@ class ThresholdSweep:
     float32 times an integer below 2**29 is exact in float64); it is one bin too low only when v
     equals a grid threshold that float32 rounded down, which one comparison corrects.
 
-    :meth:`add_many` batches consecutive images whose maps already have their GT's size: one
-    validation (min/max) and one ``bincount`` of ``gt_value * (n_bins + 1) + bin`` per batch,
-    in reused int32/float64 buffers. :meth:`add` is :meth:`add_many` with one image.
+    The per-pixel work (binning, GT code lookup, validation, counting) is one compiled pass per
+    image (:func:`benchmark.kernels.sweep_histogram`), with no temporary arrays.
+    :meth:`add` is :meth:`add_many` with one image.
 
     Args:
         n_bins: Number of threshold intervals; thresholds are ``i / n_bins``, i = 0..n_bins.
         num_classes: Number of GT classes (GT values are validated against it).
         ignore_index: GT value that is skipped.
+        threads: Threads for large :meth:`add_many` calls (images split across them; the
+            counts do not depend on it). Default: the CPU count, at most 8.
     """
 
     def __init__(
-        self, n_bins: int = 1000, num_classes: int = 2, ignore_index: int = IGNORE
+        self,
+        n_bins: int = 1000,
+        num_classes: int = 2,
+        ignore_index: int = IGNORE,
+        threads: int | None = None,
     ) -> None:
         if not 1 <= int(n_bins) <= _MAX_BINS:
             raise ValueError(f"n_bins must be in [1, {_MAX_BINS}], got {n_bins}")
         self.n_bins = int(n_bins)
         self.num_classes = _check_classes(num_classes, ignore_index)
         self.ignore_index = ignore_index
+        self.threads = max(1, int(threads)) if threads else min(8, os.cpu_count() or 1)
         self.thresholds = np.arange(self.n_bins + 1, dtype=np.float64) / self.n_bins
-        # Float32 grid with a +inf sentinel so that bin n_bins never moves up.
-        self._t32_next = np.append(self.thresholds.astype(np.float32)[1:], np.float32(np.inf))
-        self._near = self.n_bins * 2.0**-23  # generous bound on n_bins * |float32 rounding|
-        self._next_scaled = self._t32_next.astype(np.float64) * self.n_bins  # exact products
+        # float32((i + 1) / n_bins) as float64, with a +inf sentinel so bin n_bins never moves up
+        self._next_t = np.append(self.thresholds.astype(np.float32)[1:].astype(np.float64), np.inf)
         self._hist = np.zeros((3, self.n_bins + 1), dtype=np.int64)  # (neg, pos, ignore) x bins
         self._n_images = 0
-        self._work: tuple[np.ndarray, ...] | None = None
-
-    def _bin_scaled(self, scaled: np.ndarray, b: np.ndarray, mask: np.ndarray) -> None:
-        """Write into the int32 ``b`` the bin of each value of ``scaled = v * n_bins``.
-
-        ``scaled`` holds the exact float64 products of float32 values v in [0, 1] and
-        ``n_bins``; it is overwritten with the fractional parts. ``mask`` (bool) is scratch.
-        """
-        np.copyto(b, scaled, casting="unsafe")  # truncation = floor, since v >= 0
-        # b is one too low only when v equals a grid point that float32 rounded down; then
-        # v * n_bins lies within n_bins * 2**-25 below the integer b + 1.
-        frac = np.subtract(scaled, b, out=scaled)  # exact: drops the integer bits
-        np.greater_equal(frac, 1.0 - self._near, out=mask)
-        cand = np.flatnonzero(mask)
-        if cand.size:  # none for most continuous maps, many for quantised ones (k / 255)
-            bc = b[cand]
-            # float32(t_{i+1}) <= v  <=>  float32(t_{i+1}) * n <= v * n (both products exact);
-            # v * n = b + frac exactly
-            b[cand] = bc + (self._next_scaled[bc] <= bc + frac[cand])
 
     def bin_index(self, values: np.ndarray) -> np.ndarray:
         """Bin of each value v in [0, 1] (as float32): the largest i with float32(i/n_bins) <= v.
@@ -663,12 +647,15 @@ class ThresholdSweep:
 
         Returns:
             int32 array of the same shape, values in [0, n_bins].
+
+        Raises:
+            ValueError: A value outside [0, 1] or NaN.
         """
-        v = np.asarray(values, dtype=np.float32)
-        scaled = np.multiply(v.reshape(-1), float(self.n_bins), dtype=np.float64)  # exact
-        b = np.empty(scaled.size, dtype=np.int32)
-        self._bin_scaled(scaled, b, np.empty(b.size, dtype=np.bool_))
-        return b.reshape(v.shape)
+        v = np.ascontiguousarray(values, dtype=np.float32)
+        out = np.empty(v.shape, dtype=np.int32)
+        if kernels.bin_values(v.reshape(-1), self._next_t, self.n_bins, out.reshape(-1)):
+            raise ValueError("values must be in [0, 1] (no NaN)")
+        return out
 
     def add(
         self, soft: np.ndarray, gt: np.ndarray, positive: int = 1, name: str | None = None
@@ -693,9 +680,11 @@ class ThresholdSweep:
         positive: int = 1,
         names: Sequence[str | None] | None = None,
     ) -> None:
-        """Accumulate several images at once (same counts as :meth:`add` on each, faster).
+        """Accumulate several images (all or nothing: if one is invalid, nothing is added).
 
-        All or nothing: if any image is invalid, nothing is accumulated.
+        Each image costs one compiled pass (:func:`benchmark.kernels.sweep_histogram`) over its
+        pixels that bins, validates and counts at once; maps that are float32 (or float16,
+        converted exactly) at their GT's size are used without a copy.
 
         Args:
             maps: (h, w) maps in [0, 1], any resolution (resized bilinearly to their GT's size);
@@ -716,120 +705,41 @@ class ThresholdSweep:
             names = [f"#{i}" for i in range(len(maps))]
         elif len(names) != len(maps):
             raise ValueError(f"{len(maps)} maps but {len(names)} names")
-        gts = [_check_labels(g, "GT", n) for g, n in zip(gts, names)]
-        hist = np.zeros_like(self._hist)
-        start = 0
-        while start < len(gts):
-            shape = gts[start].shape
-            if len(shape) != 2:
-                raise ValueError(f"GT must be 2-D (H, W), got shape {shape}{_where(names[start])}")
-            per = max(1, _SWEEP_CHUNK // max(1, gts[start].size))
-            stop = start + 1
-            while stop < len(gts) and stop - start < per and gts[stop].shape == shape:
-                stop += 1
-            self._add_batch(maps[start:stop], gts[start:stop], names[start:stop], positive, hist)
-            start = stop
-        self._hist += hist
+        items = [self._prepare(m, g, positive, n) for m, g, n in zip(maps, gts, names)]
+        pixels = sum(item[0].size for item in items)
+        workers = min(self.threads, len(items)) if pixels >= _PARALLEL_PIXELS else 1
+        if workers > 1:  # the kernel releases the GIL: images split across threads
+            groups = [items[k::workers] for k in range(workers)]
+            with ThreadPoolExecutor(workers) as pool:
+                hist = sum(pool.map(self._count, groups))
+        else:
+            hist = self._count(items)
+        self._hist += hist[:3]
         self._n_images += len(gts)
 
-    def _add_batch(
-        self,
-        maps: list[np.ndarray],
-        gts: list[np.ndarray],
-        names: Sequence[str | None],
-        positive: int,
-        hist: np.ndarray,
-    ) -> None:
-        """Histogram a batch of images whose GTs share one shape into ``hist``."""
-        shape = gts[0].shape
-        size = gts[0].size
-        n = len(maps) * size
-        scaled, b, mask, idx = self._workspace(n)
-        scale = float(self.n_bins)
-        direct = []  # float32 maps used as they are: validated below, all at once
-        for j, (m, name) in enumerate(zip(maps, names)):
-            m = np.asarray(m)
-            if m.dtype != np.float32 or m.shape != shape:
-                m = _prepare_map(m, shape, name)
-            else:
-                direct.append(j)
-            # exact float64 products (a float32 times an integer below 2**29)
-            np.multiply(
-                m.reshape(-1), scale, out=scaled[j * size : (j + 1) * size], dtype=np.float64
-            )
-        if direct:
-            # the products are exact: min < 0 or max > n_bins iff the map leaves [0, 1]
-            lo, hi = float(scaled.min()), float(scaled.max())
-            if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= scale):
-                for j in direct:
-                    _prepare_map(maps[j], shape, names[j])  # raises, naming the image
-        g = np.stack(gts)
-        if g.dtype == np.bool_:
-            g = g.view(np.uint8)
-        block = self.n_bins + 1
-        gmin, gmax = int(g.min()), int(g.max())
-        if gmin < 0 or (gmax + 1) * block > _SWEEP_MAX_KEYS:
-            for j, name in enumerate(names):
-                v = scaled[j * size : (j + 1) * size] / scale  # exact: recovers the float32 map
-                hist += self._offsets_hist(v.reshape(shape), gts[j], positive, name)
-            return
-        self._bin_scaled(scaled, b, mask)
-        np.multiply(g.reshape(-1), block, out=idx, dtype=np.int32)  # < 2**22: no overflow
-        np.add(idx, b, out=idx)
-        by_value = np.bincount(idx, minlength=(gmax + 1) * block).reshape(-1, block)
-        self._fold(by_value, positive, hist, gts, names)
+    def _prepare(
+        self, soft: np.ndarray, gt: np.ndarray, positive: int, name: str | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, str | None]:
+        """Flat float32 values, uint8 GT codes and code table of one image (checks shapes)."""
+        gt = _check_labels(gt, "GT", name)
+        if gt.ndim != 2:
+            raise ValueError(f"GT must be 2-D (H, W), got shape {gt.shape}{_where(name)}")
+        soft = np.asarray(soft)
+        if soft.shape != gt.shape or soft.dtype not in (np.float32, np.float16):
+            soft = _prepare_map(soft, gt.shape, name)
+        values = np.ascontiguousarray(soft, dtype=np.float32).reshape(-1)
+        codes, table = _gt_codes(gt, positive, self.num_classes, self.ignore_index)
+        return values, np.ascontiguousarray(codes).reshape(-1), table, soft, gt, name
 
-    def _workspace(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Reused scratch buffers of length ``n``: float64, int32 bin, bool, int32 key."""
-        if self._work is None or self._work[0].size < n:
-            size = max(n, _SWEEP_CHUNK)
-            self._work = (
-                np.empty(size, dtype=np.float64),
-                np.empty(size, dtype=np.int32),
-                np.empty(size, dtype=np.bool_),
-                np.empty(size, dtype=np.int32),
-            )
-        return tuple(w[:n] for w in self._work)  # type: ignore[return-value]
-
-    def _fold(
-        self,
-        by_value: np.ndarray,
-        positive: int,
-        hist: np.ndarray,
-        gts: list[np.ndarray],
-        names: Sequence[str | None],
-    ) -> None:
-        """Add a (GT value, bin) histogram to ``hist`` as (negative, positive, ignored) rows."""
-        k = by_value.shape[0]
-        known = np.zeros(k, dtype=np.bool_)
-        known[: min(k, self.num_classes)] = True
-        if 0 <= self.ignore_index < k:
-            known[self.ignore_index] = True
-            hist[2] += by_value[self.ignore_index]
-        if by_value[~known].any():
-            for g, name in zip(gts, names):
-                bad = np.asarray(g)
-                ok = ((bad >= 0) & (bad < self.num_classes)) | (bad == self.ignore_index)
-                if not ok.all():
-                    raise _bad_gt(bad, self.num_classes, self.ignore_index, name)
-        if positive < k:
-            hist[1] += by_value[positive]
-        neg = by_value[: min(k, self.num_classes)].sum(axis=0)
-        if positive < k:
-            neg -= by_value[positive]
-        hist[0] += neg
-
-    def _offsets_hist(
-        self, v: np.ndarray, gt: np.ndarray, positive: int, name: str | None
-    ) -> np.ndarray:
-        """(neg, pos, ignore) x bins histogram of one image with any GT values (slower path)."""
-        block = self.n_bins + 1
-        idx = _gt_offsets(gt, positive, self.num_classes, self.ignore_index, block)
-        idx += self.bin_index(v)
-        hist = np.bincount(idx.reshape(-1), minlength=4 * block).reshape(4, block)
-        if hist[3].any():
-            raise _bad_gt(gt, self.num_classes, self.ignore_index, name)
-        return hist[:3]
+    def _count(self, items: list[tuple]) -> np.ndarray:
+        """(4, n_bins + 1) histogram of prepared images; raises on the first invalid one."""
+        hist = np.zeros((4, self.n_bins + 1), dtype=np.int64)
+        for values, codes, table, soft, gt, name in items:
+            if kernels.sweep_histogram(values, codes, table, self._next_t, self.n_bins, hist):
+                _prepare_map(soft, gt.shape, name)  # raises, naming the image and the range
+            if hist[kernels.INVALID].any():
+                raise _bad_gt(gt, self.num_classes, self.ignore_index, name)
+        return hist
 
     def counts(self) -> SweepCounts:
         """TP/FP/FN/TN at every grid threshold, summed over the images added so far."""

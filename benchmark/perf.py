@@ -1,7 +1,8 @@
 """``python -m benchmark perf``: time our hot paths against plain baselines, in one process.
 
 Each entry runs OUR code and a BASELINE on the same inputs, in the same process: one warm-up
-call each, then the best of 3 timed calls (``time.perf_counter``). The ratio is
+call each, then the best of at least 3 timed calls, more until 0.5 s were spent
+(``time.perf_counter``; :func:`best_time`). The ratio is
 ``baseline_s / ours_s`` (a speed-up; > 1 means ours is faster). Entries live in a small registry
 (:func:`register_entry`), so new hot paths are one decorated function away. Results are
 measurements of this machine (CPU model and torch threads are printed with them), never
@@ -69,22 +70,28 @@ def list_entries() -> list[str]:
     return list(PERF_ENTRIES)
 
 
-def best_time(fn: Callable[[], Any], repeats: int = REPEATS) -> float:
-    """Warm up once, then return the best of ``repeats`` wall-clock timings in seconds.
+def best_time(fn: Callable[[], Any], repeats: int = REPEATS, min_total: float = 0.5) -> float:
+    """Warm up once, then return the best wall-clock timing in seconds.
+
+    Times at least ``repeats`` calls and goes on until ``min_total`` seconds were spent (at
+    most 200 calls), so that millisecond-scale paths get enough samples for their best to be
+    stable while slow baselines are not repeated needlessly.
 
     Args:
         fn: Zero-argument callable to time.
-        repeats: Number of timed calls.
+        repeats: Minimum number of timed calls.
+        min_total: Keep timing until this many seconds were spent in timed calls.
 
     Returns:
         The smallest ``time.perf_counter`` difference.
     """
     fn()
-    best = math.inf
-    for _ in range(repeats):
+    best, total, calls = math.inf, 0.0, 0
+    while calls < repeats or (total < min_total and calls < 200):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        best, total, calls = min(best, elapsed), total + elapsed, calls + 1
     return best
 
 
@@ -390,8 +397,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {dev['cpu']} ({dev['cpu_count']} cores), torch threads "
         f"{dev.get('torch_threads')}, numpy {dev['numpy']}"
         + ("  [smoke sizes]" if result.get("smoke") else ""),
-        f"ratio = baseline time / our time; best of {result.get('repeats', REPEATS)} "
-        "after one warm-up",
+        f"ratio = baseline time / our time; best of >= {result.get('repeats', REPEATS)} timed "
+        "calls (more until 0.5 s) after one warm-up",
         "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
         "  ".join("-" * w for w in widths),
     ]
