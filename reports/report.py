@@ -1,22 +1,54 @@
-"""report.md and tables/ from stored rows alone (no recomputation)."""
+"""report.md, tables/ and figures/ from stored rows alone (no recomputation).
+
+``write_report(out)`` reads ``OUT/results`` (rows, per-image values, curves, optional studies
+and qualitative arrays) and writes under ``OUT/report``:
+
+- ``report.md``: setup, an automatic reading, the tables, the figures (relative links);
+- ``tables/<name>.{md,tex,csv}``: main, pseudo, mixed, conventions, cost, and more;
+- ``figures/<name>.{png,pdf}``: bars with confidence intervals, IoU-vs-threshold curves,
+  IoU-vs-gt_ratio lines, quality vs compute, Optuna plots and qualitative grids where data exist.
+
+The main tables use the smallest gt_ratio present (pure weak supervision when 0 ran); the
+mixed-supervision table and figure show every ratio.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from benchmark.cache import atomic_write_text
-from benchmark.store import read_results
-from reports.tables import METRIC_ORDER, cost_table, failed_runs, format_table, summarize
+from reports import figures, stats
+from reports.data import ReportData, load
+from reports.tables import (
+    METRIC_ORDER,
+    at_ratio,
+    conventions_table,
+    cost_table,
+    failed_runs,
+    format_table,
+    frame_table,
+    mixed_table,
+    primary_ratio,
+    summarize,
+    with_failures,
+)
 
 logger = logging.getLogger(__name__)
+
+CONVENTION = "pet"
+UPPER_BOUND = "supervised"  # the fully supervised reference: a ceiling, not a baseline to beat
+CI_COLUMN = {"iou_ci": "IoU 95 % CI"}
 
 
 def main_table_text(rows: pd.DataFrame, convention: str = "pet") -> str:
     """The main table (segmenter on test, dataset-level) as Markdown, for the terminal."""
-    summary = summarize(rows, "segmenter", "test", convention)
+    rows = at_ratio(rows, primary_ratio(rows))
+    summary = with_failures(summarize(rows, "segmenter", "test", convention), rows)
     pseudo = summarize(rows, "pseudo", "train", convention)
     text = "Segmenter on test (" + convention + ", dataset-level, %):\n"
     text += format_table(summary)
@@ -28,139 +60,405 @@ def main_table_text(rows: pd.DataFrame, convention: str = "pet") -> str:
     return text
 
 
-def _setup(rows: pd.DataFrame) -> str:
-    first = rows.iloc[0]
-    keys = [
-        ("dataset", "dataset"),
-        ("split", "split_scheme"),
-        ("split SHA-256", "split_sha256"),
-        ("preset", "preset"),
-        ("image size", "image_size"),
-        ("segmenter", "segmenter"),
-        ("segmenter epochs", "segmenter_epochs"),
-        ("budget (min per run)", "budget_minutes"),
-        ("gt_ratio", "gt_ratio"),
-        ("device", "device"),
-        ("torch", "v_torch"),
-        ("timm", "v_timm"),
-        ("git commit", "v_git_commit"),
-    ]
-    lines = ["| setting | value |", "|---|---|"]
-    for label, col in keys:
-        if col in rows:
-            values = sorted({str(v) for v in rows[col].dropna().unique()})
-            lines.append(f"| {label} | {', '.join(values) if values else first.get(col)} |")
-    return "\n".join(lines) + "\n"
+@dataclass
+class _Writer:
+    """Collects report.md parts and writes table and figure files."""
 
+    report_dir: Path
+    parts: list[str] = field(default_factory=list)
 
-def _reading(summary: pd.DataFrame) -> str:
-    if summary.empty or "iou_mean" not in summary:
-        return "No successful run to read.\n"
-    methods = summary[summary["kind"] == "method"].sort_values("iou_mean", ascending=False)
-    refs = summary[summary["kind"] == "reference"]
-    if methods.empty:
-        return "Only references ran.\n"
-    best = methods.iloc[0]
-    text = f"Best method by test IoU: `{methods.index[0]}` ({100 * best['iou_mean']:.1f})."
-    if len(methods) > 1:
-        gap = 100 * (best["iou_mean"] - methods.iloc[1]["iou_mean"])
-        text += f" It leads `{methods.index[1]}` by {gap:.1f} points."
-    for ref in ("centre_prior", "supervised"):
-        if ref in refs.index:
-            text += f" `{ref}` scores {100 * refs.loc[ref, 'iou_mean']:.1f}."
-    if "centre_prior" in refs.index:
-        losers = methods[methods["iou_mean"] < refs.loc["centre_prior", "iou_mean"]]
-        if len(losers):
-            text += (
-                " Methods below the centre prior (they learned less than a fixed ellipse): "
-                + ", ".join(f"`{m}`" for m in losers.index)
-                + "."
-            )
-    return text + " Significance tests are not computed yet.\n"
+    @property
+    def tables(self) -> Path:
+        return self.report_dir / "tables"
+
+    @property
+    def figures(self) -> Path:
+        return self.report_dir / "figures"
+
+    def section(self, title: str, *texts: str) -> None:
+        self.parts.append(f"## {title}\n")
+        self.parts.extend(t if t.endswith("\n") else t + "\n" for t in texts if t)
+
+    def table(self, name: str, markdown: str, latex: str, frame: pd.DataFrame) -> str:
+        atomic_write_text(self.tables / f"{name}.md", markdown)
+        atomic_write_text(self.tables / f"{name}.tex", latex)
+        if not frame.empty:
+            atomic_write_text(self.tables / f"{name}.csv", frame.to_csv())
+        return (
+            markdown
+            + f"\n[Markdown](tables/{name}.md) · [LaTeX](tables/{name}.tex)"
+            + (f" · [CSV](tables/{name}.csv)\n" if not frame.empty else "\n")
+        )
+
+    def figure(self, paths: list[Path], caption: str) -> str:
+        png = [p for p in paths if p.suffix == ".png"]
+        pdf = [p for p in paths if p.suffix == ".pdf"]
+        if not png:
+            return ""
+        rel = png[0].relative_to(self.report_dir).as_posix()
+        text = f"![{caption}]({rel})\n\n*{caption}*"
+        if pdf:
+            text += f" ([PDF]({pdf[0].relative_to(self.report_dir).as_posix()}))"
+        return text + "\n"
 
 
 def write_report(out: Path, report_dir: Path | None = None) -> Path:
-    """Write report.md and tables/ (Markdown, LaTeX, CSV) under ``out/report``."""
-    rows = read_results(out)
-    report_dir = report_dir or Path(out) / "report"
-    tables = report_dir / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
-    if rows.empty:
-        atomic_write_text(report_dir / "report.md", "# wsss-bench report\n\nNo results yet.\n")
-        return report_dir / "report.md"
-    convention = "pet"
-    parts = ["# wsss-bench report\n", "## Setup\n", _setup(rows)]
-    sections = [
-        (
-            "main",
-            "Segmenter on test (primary: dataset-level IoU of the pet class)",
-            summarize(rows, "segmenter", "test", convention),
-            None,
-        ),
-        (
-            "pseudo",
-            "Pseudo masks on train (threshold chosen on validation)",
-            summarize(rows, "pseudo", "train", convention),
-            {"threshold": "thr."},
-        ),
-        (
-            "maps_test",
-            "Method maps on test at the validation threshold",
-            summarize(rows, "maps", "test", convention),
-            None,
-        ),
-        (
-            "main_image_mean",
-            "Segmenter on test, mean of per-image scores",
-            summarize(rows, "segmenter", "test", convention, "image_mean"),
-            None,
-        ),
-    ]
-    for name, title, summary, extra in sections:
-        md = format_table(summary, extra=extra)
-        atomic_write_text(tables / f"{name}.md", md)
-        atomic_write_text(tables / f"{name}.tex", format_table(summary, style="latex", extra=extra))
-        if not summary.empty:
-            summary.to_csv(tables / f"{name}.csv")
-        parts += [f"## {title}\n", md]
-        if name == "main":
-            parts += ["### Reading\n", _reading(summary)]
-    conv_rows = []
-    for conv in ("pet", "pet_with_border", "weaktr_refinery"):
-        s = summarize(rows, "segmenter", "test", conv, metrics=("iou",))
-        if not s.empty:
-            conv_rows.append(s["iou_mean"].rename(conv))
-    if conv_rows:
-        conv = (100 * pd.concat(conv_rows, axis=1)).round(1)
-        conv.to_csv(tables / "conventions.csv")
-        parts += [
-            "## Conventions (segmenter test IoU, %)\n",
-            "`weaktr_refinery` counts background + border as the positive class, as that "
-            "repository's published table does.\n",
-            conv.to_markdown() + "\n" if _has_tabulate() else conv.to_string() + "\n",
-        ]
-    cost = cost_table(rows)
-    if not cost.empty:
-        cost.to_csv(tables / "cost.csv")
-        parts += [
-            "## Cost (wall seconds per stage)\n",
-            cost.to_markdown() + "\n" if _has_tabulate() else cost.to_string() + "\n",
-        ]
-    bad = failed_runs(rows)
-    if not bad.empty:
-        parts += ["## Failed runs\n", bad.to_string(index=False) + "\n"]
+    """Write report.md, tables/ and figures/ under ``out/report`` (or ``report_dir``).
+
+    Args:
+        out: the run folder (holding ``results/``).
+        report_dir: where to write; default ``out/report``.
+
+    Returns:
+        The path of report.md.
+    """
+    data = load(out)
+    return build_report(data, Path(report_dir) if report_dir else Path(out) / "report")
+
+
+def build_report(data: ReportData, report_dir: Path) -> Path:
+    """Write the report of already loaded results (see :func:`write_report`)."""
+    w = _Writer(report_dir)
+    w.tables.mkdir(parents=True, exist_ok=True)
+    w.figures.mkdir(parents=True, exist_ok=True)
     path = report_dir / "report.md"
-    atomic_write_text(path, "\n".join(parts))
+    if data.rows.empty:
+        atomic_write_text(path, "# wsss-bench report\n\nNo results yet.\n")
+        return path
+    ratio = primary_ratio(data.rows)
+    rows = at_ratio(data.rows, ratio)
+    per_image = _per_image_at(data.per_image, ratio)
+    main = with_failures(summarize(rows, "segmenter", "test", CONVENTION), rows)
+    sig = stats.significance(stats.select(per_image, "segmenter", "test", CONVENTION), main)
+    cost = cost_table(rows)
+    palette = figures.method_palette([str(m) for m in main.index])
+
+    w.parts.append("# wsss-bench report\n")
+    w.section("Setup", _setup(data.rows, per_image))
+    w.section("Reading", _reading(main, sig, cost))
+    _main_sections(w, rows, main, sig, ratio, palette)
+    _mixed_section(w, data.rows, palette)
+    _conventions_section(w, rows, per_image)
+    _cost_section(w, main, cost, palette)
+    _curves_section(w, data, rows, palette)
+    _extra_sections(w, data)
+    bad = failed_runs(data.rows)
+    if not bad.empty:
+        w.section(
+            "Failed runs",
+            "These runs are listed as failed in the tables above; their traceback files are "
+            "named below.\n",
+            frame_table(bad.set_index("method_id"), index_label="method_id"),
+        )
+    atomic_write_text(path, "\n".join(w.parts))
     logger.info("report written to %s", path)
     return path
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _per_image_at(per_image: pd.DataFrame, ratio: float | None) -> pd.DataFrame:
+    if per_image.empty or ratio is None or "gt_ratio" not in per_image:
+        return per_image
+    values = per_image["gt_ratio"].astype(float)
+    return per_image[values.isna() | np.isclose(values, ratio)]
 
 
-__all__ = ["METRIC_ORDER", "main_table_text", "write_report"]
+# ---- sections ------------------------------------------------------------------------------------
+def _main_sections(
+    w: _Writer,
+    rows: pd.DataFrame,
+    main: pd.DataFrame,
+    sig: stats.Significance,
+    ratio: float | None,
+    palette: dict,
+) -> None:
+    marks = sig.marks()
+    main = main.assign(iou_ci=[sig.ci_text(str(m)) for m in main.index])
+    csv = main.join(sig.table, how="left") if not sig.table.empty else main
+    md = format_table(main, extra=CI_COLUMN, marks=marks)
+    tex = format_table(main, style="latex", extra=CI_COLUMN, marks=marks)
+    where = f" at gt_ratio {ratio:g}" if ratio is not None else ""
+    w.section(
+        f"Segmenter on test{where} (primary: dataset-level IoU of the pet class, %)",
+        w.table("main", md, tex, csv),
+        _footnote(sig, marks),
+    )
+    if not sig.table.empty:
+        bars = main[main["iou_mean"].notna()] if "iou_mean" in main else main.iloc[:0]
+        table = pd.DataFrame(
+            {
+                "kind": bars["kind"],
+                "value": bars["iou_mean"],
+                "low": sig.table["iou_ci_low"].reindex(bars.index),
+                "high": sig.table["iou_ci_high"].reindex(bars.index),
+            }
+        )
+        paths = figures.bar_with_ci(table, w.figures / "main_iou", palette=palette)
+        w.parts.append(
+            w.figure(paths, "Test IoU per method; whiskers: 95 % bootstrap CI over test images.")
+        )
+    pseudo = with_failures(summarize(rows, "pseudo", "train", CONVENTION), rows)
+    extra = {"threshold": "thr."}
+    w.section(
+        "Pseudo masks on train (threshold chosen on validation)",
+        w.table(
+            "pseudo",
+            format_table(pseudo, extra=extra),
+            format_table(pseudo, style="latex", extra=extra),
+            pseudo,
+        ),
+    )
+    for name, title, summary in (
+        (
+            "maps_test",
+            "Method maps on test at the validation threshold",
+            summarize(rows, "maps", "test", CONVENTION),
+        ),
+        (
+            "main_image_mean",
+            "Segmenter on test, mean of per-image scores",
+            summarize(rows, "segmenter", "test", CONVENTION, "image_mean"),
+        ),
+    ):
+        w.section(
+            title,
+            w.table(name, format_table(summary), format_table(summary, style="latex"), summary),
+        )
+
+
+def _footnote(sig: stats.Significance, marks: dict[str, str]) -> str:
+    text = (
+        "Mean ± std over seeds; best method per column in **bold** (references excluded). "
+        "CI: 95 % percentile bootstrap over test images "
+        f"({stats.N_RESAMPLES} resamples, seed {stats.BOOTSTRAP_SEED})."
+    )
+    if sig.best is None or sig.table.empty:
+        return text + " No per-image values were stored, so no interval or test.\n"
+    n = int(sig.table["n_images"].max())
+    text += (
+        f" † not significantly different from the best method `{sig.best}` at "
+        f"{stats.ALPHA} (two-sided Wilcoxon signed-rank test on per-image IoU, averaged over "
+        f"seeds and matched by image, n = {n} images; no multiple-comparison correction)."
+    )
+    if not marks:
+        text += " Every other row differs significantly from the best."
+    return text + "\n"
+
+
+def _mixed_section(w: _Writer, rows: pd.DataFrame, palette: dict) -> None:
+    summary, keys = mixed_table(rows, "iou", CONVENTION)
+    if summary.empty:
+        ratios = sorted(rows["gt_ratio"].dropna().unique()) if "gt_ratio" in rows else []
+        only = f" ({ratios[0]:g})" if ratios else ""
+        w.section(
+            "Mixed supervision",
+            f"Only one gt_ratio{only} was run, so there is no mixed-supervision table; run "
+            "with several `--gt-ratio` values to fill it.\n",
+        )
+        return
+    labels = {k: f"gt {k[1:]}" for k in keys}
+    md = format_table(summary, metrics=tuple(keys), labels=labels)
+    tex = format_table(summary, metrics=tuple(keys), style="latex", labels=labels)
+    w.section(
+        "Mixed supervision (segmenter test IoU by share of GT masks, %)",
+        w.table("mixed", md, tex, summary),
+    )
+    sel = rows[
+        rows["status"].isin(["done", "budget"])
+        & (rows["stage"] == "segmenter")
+        & (rows["split"] == "test")
+        & (rows["convention"] == CONVENTION)
+        & (rows["aggregation"] == "dataset")
+        & (rows["metric"] == "iou")
+    ]
+    points = sel[["method_id", "gt_ratio", "seed", "value"]]
+    paths = figures.ratio_lines(points, w.figures / "iou_vs_gt_ratio", palette=palette)
+    w.parts.append(w.figure(paths, "Test IoU against the share of GT masks; band: std."))
+
+
+def _conventions_section(w: _Writer, rows: pd.DataFrame, per_image: pd.DataFrame) -> None:
+    background = stats.all_background_iou(per_image)
+    summary, convs = conventions_table(rows, background)
+    if summary.empty:
+        return
+    md = format_table(summary, metrics=tuple(convs), labels={c: f"`{c}`" for c in convs})
+    tex = format_table(summary, metrics=tuple(convs), style="latex", labels={})
+    text = (
+        "`pet` (ours): positive = pet, border ignored; `pet_with_border`: border counted as "
+        "pet; `weaktr_refinery`: positive = background + border, as that repository's "
+        "published table counts it."
+    )
+    share = background.get("weaktr_refinery")
+    if share is not None and np.isfinite(share):
+        text += (
+            f" An all-background prediction already scores {100 * share:.1f} IoU under "
+            "`weaktr_refinery` (0 under the pet conventions): numbers on that convention are "
+            "not comparable to pet IoU."
+        )
+    w.section("Conventions (segmenter test IoU, %)", w.table("conventions", md, tex, summary), text)
+
+
+def _cost_section(w: _Writer, main: pd.DataFrame, cost: pd.DataFrame, palette: dict) -> None:
+    if cost.empty:
+        return
+    w.section(
+        "Cost (wall seconds per stage, mean over seeds; device seconds; peak memory in MB)",
+        w.table(
+            "cost",
+            frame_table(cost, index_label="method_id"),
+            frame_table(cost, style="latex", index_label="method_id"),
+            cost,
+        ),
+    )
+    if "iou_mean" not in main:
+        return
+    points = pd.DataFrame(
+        {
+            "kind": main["kind"],
+            "iou": main["iou_mean"],
+            "wall_s": cost["total"].reindex(main.index),
+        },
+        index=main.index,
+    ).dropna()
+    if points.empty:
+        return
+    paths = figures.cost_scatter(points, w.figures / "quality_vs_compute", palette=palette)
+    w.parts.append(w.figure(paths, "Test IoU against wall time per run (log scale)."))
+
+
+def _curves_section(w: _Writer, data: ReportData, rows: pd.DataFrame, palette: dict) -> None:
+    curves = data.curves
+    if curves.empty or "iou" not in curves:
+        return
+    chosen = summarize(rows, "pseudo", "train", CONVENTION, metrics=("iou",))
+    thresholds = chosen["threshold"].to_dict() if "threshold" in chosen else {}
+    paths = figures.threshold_curves(
+        curves, w.figures / "iou_vs_threshold", chosen=thresholds, palette=palette
+    )
+    w.section(
+        "Threshold sweeps (validation)",
+        w.figure(paths, "Validation IoU against the threshold; dots: the chosen thresholds."),
+    )
+
+
+def _extra_sections(w: _Writer, data: ReportData) -> None:
+    study_paths: list[Path] = []
+    for source in data.studies:
+        try:
+            study_paths += figures.optuna_figures(source, w.figures)
+        except Exception as exc:  # noqa: BLE001 - a broken study must not stop the report
+            logger.warning("cannot plot Optuna study %s: %s", source, exc)
+    if study_paths:
+        pngs = [p for p in study_paths if p.suffix == ".png"]
+        texts = [w.figure([p, p.with_suffix(".pdf")], p.stem.replace("_", " ")) for p in pngs]
+        w.section("Optuna sweeps", *texts)
+    images, gt, outputs = figures.load_qualitative(data.out)
+    if outputs:
+        paths = figures.qualitative_grid(images, gt, outputs, w.figures / "qualitative")
+        w.section(
+            "Qualitative examples (test)",
+            w.figure(paths, "Image, map, pseudo mask, segmenter prediction and GT per method."),
+        )
+
+
+# ---- setup and reading ---------------------------------------------------------------------------
+SETUP_KEYS = (
+    ("dataset", "dataset"),
+    ("split", "split_scheme"),
+    ("split SHA-256", "split_sha256"),
+    ("preset", "preset"),
+    ("image size", "image_size"),
+    ("segmenter", "segmenter"),
+    ("segmenter epochs", "segmenter_epochs"),
+    ("budget (min per run)", "budget_minutes"),
+    ("gt_ratio", "gt_ratio"),
+    ("device", "device"),
+    ("python", "v_python"),
+    ("torch", "v_torch"),
+    ("torchvision", "v_torchvision"),
+    ("timm", "v_timm"),
+    ("numpy", "v_numpy"),
+    ("pandas", "v_pandas"),
+    ("optuna", "v_optuna"),
+    ("git commit", "v_git_commit"),
+)
+
+
+def _setup(rows: pd.DataFrame, per_image: pd.DataFrame) -> str:
+    lines = ["| setting | value |", "|---|---|"]
+    for label, col in SETUP_KEYS:
+        if col not in rows:
+            continue
+        values = sorted({_plain(v) for v in rows[col].tolist()})
+        lines.append(f"| {label} | {', '.join(values)} |")
+    methods = sorted(rows["method_id"].dropna().unique())
+    lines.append(f"| methods | {', '.join(f'`{m}`' for m in methods)} |")
+    if "seed" in rows:
+        lines.append(f"| seeds per method | {rows.groupby('method_id')['seed'].nunique().max()} |")
+    test = stats.select(per_image, "segmenter", "test", CONVENTION)
+    if not test.empty:
+        lines.append(f"| test images | {test['name'].nunique()} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: object) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "none"
+    return str(value)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def _reading(main: pd.DataFrame, sig: stats.Significance, cost: pd.DataFrame) -> str:
+    if main.empty or "iou_mean" not in main:
+        return "No successful run to read.\n"
+    scored = main[main["iou_mean"].notna()]
+    methods = scored[scored["kind"] == "method"].sort_values("iou_mean", ascending=False)
+    refs = scored[scored["kind"] == "reference"]
+    if methods.empty:
+        return "Only references ran successfully: nothing to compare.\n"
+    win = str(methods.index[0])
+    iou = 100 * methods["iou_mean"].iloc[0]
+    ci = sig.ci_text(win)
+    text = f"`{win}` has the best test IoU: {iou:.1f}" + (f" (95 % CI {ci})." if ci else ".")
+    if len(methods) > 1:
+        second = str(methods.index[1])
+        gap = iou - 100 * methods["iou_mean"].iloc[1]
+        text += f" It leads the runner-up `{second}` by {gap:.1f} points" + _p_text(sig, second)
+    trivial = refs[[str(m).split("[")[0] != UPPER_BOUND for m in refs.index]]
+    if len(trivial):
+        ref = str(trivial["iou_mean"].idxmax())
+        gap = iou - 100 * trivial.loc[ref, "iou_mean"]
+        text += f" Over the best trivial reference `{ref}` the margin is {gap:+.1f} points"
+        text += _p_text(sig, ref)
+    upper = [m for m in refs.index if str(m).split("[")[0] == UPPER_BOUND]
+    if upper:
+        sup = 100 * refs.loc[upper[0], "iou_mean"]
+        text += f" The fully supervised reference scores {sup:.1f} ({sup - iou:+.1f} points)."
+    if "centre_prior" in refs.index:
+        losers = methods[methods["iou_mean"] < refs.loc["centre_prior", "iou_mean"]]
+        if len(losers):
+            names = ", ".join(f"`{m}`" for m in losers.index)
+            text += f" Below the centre prior (learned less than a fixed ellipse): {names}."
+    if "total" in cost and win in cost.index:
+        text += f" `{win}` took {_seconds(float(cost.loc[win, 'total']))} of wall time per run"
+        if len(methods) > 1 and str(methods.index[1]) in cost.index:
+            other = float(cost.loc[str(methods.index[1]), "total"])
+            text += f" (`{methods.index[1]}`: {_seconds(other)})"
+        text += "."
+    return text + "\n"
+
+
+def _p_text(sig: stats.Significance, method_id: str) -> str:
+    if sig.table.empty or method_id not in sig.table.index:
+        return " (no per-image values, so no paired test)."
+    p = sig.table.loc[method_id, "p_vs_best"]
+    if not np.isfinite(p):
+        return " (no matched images, so no paired test)."
+    verdict = "significant" if p < stats.ALPHA else "not significant"
+    n = int(sig.table.loc[method_id, "n_pairs"])
+    return f"; Wilcoxon p = {p:.2g} on {n} images, {verdict} at {stats.ALPHA}."
+
+
+__all__ = ["METRIC_ORDER", "build_report", "main_table_text", "write_report"]
