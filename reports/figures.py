@@ -101,6 +101,13 @@ def _legend_below(fig: Figure, ax: Any, n_items: int, title: str | None = None) 
         )
 
 
+def _ordered(method_ids: pd.Series, palette: Mapping[str, Any] | None) -> list[str]:
+    """Method ids present in the data, in the palette's (the main table's) order first."""
+    present = list(dict.fromkeys(str(m) for m in method_ids))
+    first = [m for m in (palette or {}) if m in present]
+    return first + [m for m in present if m not in first]
+
+
 def _legend_height(n_items: int) -> float:
     return 0.2 + 0.16 * math.ceil(n_items / 2)
 
@@ -174,7 +181,7 @@ def threshold_curves(
         The written files.
     """
     data = curves.assign(value=100 * curves[metric])
-    ids = list(dict.fromkeys(data["method_id"]))
+    ids = _ordered(data["method_id"], palette)
     palette = palette or method_palette(ids)
     with paper_theme():
         fig = new_figure(2.3 + _legend_height(len(ids)))
@@ -223,7 +230,7 @@ def ratio_lines(
         The written files.
     """
     data = points.assign(value=100 * points["value"])
-    ids = list(dict.fromkeys(data["method_id"]))
+    ids = _ordered(data["method_id"], palette)
     palette = palette or method_palette(ids)
     with paper_theme():
         fig = new_figure(2.3 + _legend_height(len(ids)))
@@ -403,21 +410,25 @@ def _slices(part: pd.DataFrame, params: list[str], stem: Path) -> list[Path]:
     with paper_theme():
         fig = new_figure(0.3 + 1.6 * nrows)
         axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
-        for ax, col in zip(axes, params):
+        scatter = None
+        for i, (ax, col) in enumerate(zip(axes, params)):
             values = part[col]
             if pd.api.types.is_numeric_dtype(values):
-                ax.scatter(values, part["value"], s=8, c=part["number"], cmap="Blues")
+                scatter = ax.scatter(values, part["value"], s=8, c=part["number"], cmap="viridis")
             else:
-                sns.stripplot(x=values.astype(str), y=part["value"], ax=ax, size=3)
+                sns.stripplot(x=values.astype(str), y=part["value"], ax=ax, size=3, color="C0")
                 ax.tick_params(axis="x", rotation=30)
             ax.set_xlabel(col.removeprefix("params_"))
-            ax.set_ylabel("Objective value")
+            ax.set_ylabel("Objective value" if i % ncols == 0 else "")
         for ax in axes[len(params) :]:
             ax.set_visible(False)
+        if scatter is not None:
+            fig.colorbar(scatter, ax=list(axes[: len(params)]), label="Trial", shrink=0.8)
         return save_figure(fig, stem)
 
 
 # ---- qualitative grid ----------------------------------------------------------------------------
+QUALITATIVE_ROW_IN = 0.56  # row height: five square panels beside the row labels
 PANELS = ("image", "map", "pseudo", "prediction", "gt")
 PANEL_TITLE = {
     "image": "Image",
@@ -456,9 +467,8 @@ def qualitative_grid(
     if not names or not methods:
         return []
     nrows = len(names) * len(methods)
-    cell = COLUMN_IN / len(PANELS)
     with paper_theme():
-        fig = new_figure(0.3 + cell * nrows)
+        fig = new_figure(0.3 + QUALITATIVE_ROW_IN * nrows)
         axes = fig.subplots(nrows, len(PANELS), squeeze=False)
         for i, (name, method_id) in enumerate((n, m) for n in names for m in methods):
             panels = {"image": images[name], "gt": gt[name], **outputs[method_id][name]}
@@ -466,7 +476,7 @@ def qualitative_grid(
                 ax = axes[i, j]
                 _show(ax, panel, panels.get(panel))
                 if i == 0:
-                    ax.set_title(PANEL_TITLE[panel], fontsize=7)
+                    ax.set_title(PANEL_TITLE[panel], fontsize=6)
             axes[i, 0].set_ylabel(f"{method_id}\n{name}", fontsize=5, rotation=0, ha="right")
         return save_figure(fig, stem)
 

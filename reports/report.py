@@ -349,7 +349,7 @@ def _extra_sections(w: _Writer, data: ReportData) -> None:
             logger.warning("cannot plot Optuna study %s: %s", source, exc)
     if study_paths:
         pngs = [p for p in study_paths if p.suffix == ".png"]
-        texts = [w.figure([p, p.with_suffix(".pdf")], p.stem.replace("_", " ")) for p in pngs]
+        texts = [w.figure([p, p.with_suffix(".pdf")], _study_caption(p)) for p in pngs]
         w.section("Optuna sweeps", *texts)
     images, gt, outputs = figures.load_qualitative(data.out)
     if outputs:
@@ -358,6 +358,12 @@ def _extra_sections(w: _Writer, data: ReportData) -> None:
             "Qualitative examples (test)",
             w.figure(paths, "Image, map, pseudo mask, segmenter prediction and GT per method."),
         )
+
+
+def _study_caption(path: Path) -> str:
+    study, _, kind = path.stem.removeprefix("optuna_").rpartition("_")
+    what = "optimisation history" if kind == "history" else "objective against each parameter"
+    return f"Optuna study `{study}`: {what}."
 
 
 # ---- setup and reading ---------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_qualitative_grid_from_arrays(tmp_path):
         for m in ("cam", "ccam")
     }
     paths = figures.qualitative_grid(images, gt, outputs, tmp_path / "grid")
-    assert _png_size(paths[0]) == (700, round((0.3 + 0.7 * 4) * 200))
+    assert _png_size(paths[0]) == (700, round((0.3 + 0.56 * 4) * 200))
     assert figures.qualitative_grid(images, gt, {"x": {}}, tmp_path / "none") == []
 
 
