@@ -223,7 +223,16 @@ def test_qualitative_grid_from_arrays(tmp_path):
         }
         for m in ("cam", "ccam")
     }
-    paths = figures.qualitative_grid(images, gt, outputs, tmp_path / "grid")
+    folder = tmp_path / "results" / "qualitative"
+    folder.mkdir(parents=True)
+    for m, per_name in outputs.items():  # the file format the runner is asked to write
+        arrays = {k: np.stack([per_name[n][k] for n in names]) for k in figures.PANELS[1:4]}
+        image, mask = np.stack([images[n] for n in names]), np.stack([gt[n] for n in names])
+        np.savez(folder / f"{m}.npz", method_id=m, names=names, image=image, gt=mask, **arrays)
+    loaded = figures.load_qualitative(tmp_path)
+    assert list(loaded[2]) == ["cam", "ccam"]
+    np.testing.assert_array_equal(loaded[2]["ccam"]["b"]["pseudo"], outputs["ccam"]["b"]["pseudo"])
+    paths = figures.qualitative_grid(*loaded, tmp_path / "grid")
     assert _png_size(paths[0]) == (700, round((0.3 + 0.56 * 4) * 200))
     assert figures.qualitative_grid(images, gt, {"x": {}}, tmp_path / "none") == []
 
