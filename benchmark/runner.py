@@ -300,8 +300,10 @@ def choose_threshold(
 ) -> tuple[float, pd.DataFrame]:
     """The threshold of best validation IoU (one-pass sweep) and the validation curve."""
     sweep = ThresholdSweep(n_bins=SWEEP_BINS)
-    for soft, gt in zip(maps, masks):
-        sweep.add(positive_map(soft[0].astype(np.float32), convention), gt)
+    pairs = [
+        (positive_map(soft[0].astype(np.float32), convention), gt) for soft, gt in zip(maps, masks)
+    ]
+    sweep.add_many([p[0] for p in pairs], [p[1] for p in pairs])  # one batched, threaded pass
     counts = sweep.counts()
     best_t, _ = counts.best("iou")
     curve = pd.DataFrame({"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}})

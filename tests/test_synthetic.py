@@ -112,7 +112,7 @@ def test_class_mark_present_small_and_in_the_jpeg(tmp_path):
     for index in range(8):
         s = render_example(index, size=96, n_classes=4, seed=3)
         assert s.part_mask.any() and not (s.part_mask & ~s.pet_mask).any()
-        assert 0.01 <= s.part_mask.sum() / s.pet_mask.sum() <= 0.10
+        assert 0.03 <= s.part_mask.sum() / s.pet_mask.sum() <= 0.25
         # The written JPEG shows the class colour where the mark is.
         name = f"synth_{'abcd'[s.label]}_{index // 4 + 1}"
         jpeg = ds.load_image(ds.record(name)).astype(float)
@@ -152,8 +152,8 @@ def test_pets_vary_in_size_position_and_image_shape():
     assert stats["pet_fraction_min"] < 0.15 and stats["pet_fraction_max"] > 0.3
     assert stats["off_centre_rate"] > 0.15
     assert 0.2 < stats["non_square_rate"] < 0.8
-    assert 0.02 <= stats["part_fraction_mean"] <= 0.08
-    assert stats["centre_prior_iou"] < 0.5
+    assert 0.06 <= stats["part_fraction_mean"] <= 0.16
+    assert stats["centre_prior_iou"] < 0.4
 
 
 def test_examples_figure(tmp_path):
