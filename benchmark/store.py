@@ -113,3 +113,52 @@ def provenance() -> dict[str, str]:
 def now_iso() -> str:
     """The current UTC time, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+#: Columns that identify "the same experiment": a newer run with equal values (e.g. after a
+#: code change altered the run key) supersedes the older one. ``trial``/``study`` count too
+#: when present (sweeps).
+RUN_IDENTITY = (
+    "method_id",
+    "dataset",
+    "data_fingerprint",
+    "split_sha256",
+    "preset",
+    "image_size",
+    "repetition",
+    "seed",
+    "gt_ratio",
+    "segmenter",
+    "segmenter_epochs",
+    "budget_minutes",
+    "trial",
+    "study",
+)
+
+
+def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """Keep, per experiment identity (:data:`RUN_IDENTITY`), only the rows of its newest run.
+
+    An output folder accumulates runs: re-running after a code change writes rows under a new
+    run key while the old rows stay on disk. Counting both would pass one seed off as two (a
+    fake ``std`` of 0). Superseded runs are dropped here, with a log line saying how many.
+
+    Args:
+        rows: Result rows (columns ``run_key`` and ``date`` plus the identity columns present).
+
+    Returns:
+        The rows of the newest run key of each identity, in their original order.
+    """
+    if rows.empty or "run_key" not in rows or "date" not in rows:
+        return rows
+    keys = [c for c in RUN_IDENTITY if c in rows.columns]
+    runs = rows[[*keys, "run_key", "date"]].astype({"date": str})
+    newest = runs.groupby("run_key", sort=False).agg({**{k: "first" for k in keys}, "date": "max"})
+    newest = newest.reset_index().sort_values("date")
+    keep = set(newest.drop_duplicates(keys, keep="last")["run_key"])
+    dropped = newest["run_key"].nunique() - len(keep)
+    if dropped:
+        logger.info(
+            "ignoring %d superseded run(s) (a newer run of the same experiment exists)", dropped
+        )
+    return rows[rows["run_key"].isin(keep)]

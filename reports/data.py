@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.store import PER_IMAGE, ROWS, read_results
+from benchmark.store import PER_IMAGE, ROWS, latest_runs, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,14 @@ def find_studies(out: Path) -> list[Path]:
 def load(out: str | Path) -> ReportData:
     """Load rows, per-image values, curves and study paths of an output folder."""
     out = Path(out)
+    rows = latest_runs(read_results(out))
+    per_image, curves = read_per_image_tagged(out), read_curves(out)
+    if "run_key" in rows:  # values of superseded runs are dropped with their rows
+        keys = set(rows["run_key"])
+        if "run_key" in per_image:
+            per_image = per_image[per_image["run_key"].isin(keys)]
+        if "run_key" in curves:
+            curves = curves[curves["run_key"].isin(keys)]
     return ReportData(
-        out=out,
-        rows=read_results(out),
-        per_image=read_per_image_tagged(out),
-        curves=read_curves(out),
-        studies=find_studies(out),
+        out=out, rows=rows, per_image=per_image, curves=curves, studies=find_studies(out)
     )
