@@ -1,4 +1,4 @@
-"""Command-line interface: ``python -m benchmark {run,list,datasets,report,perf}``.
+"""Command-line interface: ``python -m benchmark {run,list,datasets,report,perf,sweep,worker}``.
 
 Errors in options or config files print one line naming the option and exit with code 2.
 """
@@ -83,7 +83,55 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("--report-dir", help="where to write (default OUT/report)")
 
     sub.add_parser("perf", help="time hot paths against baselines (ratios)", add_help=False)
+    _add_sweep_parsers(sub)
     return parser
+
+
+def _add_sweep_parsers(sub: Any) -> None:
+    """``sweep {threshold,gt-ratio,hparams}`` and ``worker`` (see benchmark.sweeps)."""
+    p_sweep = sub.add_parser("sweep", help="Optuna sweeps: threshold, gt-ratio, hparams")
+    kinds = p_sweep.add_subparsers(dest="sweep_kind", metavar="KIND", parser_class=_Parser)
+    p_t = kinds.add_parser("threshold", help="per method x seed: val IoU vs threshold (Optuna)")
+    p_g = kinds.add_parser("gt-ratio", help="grid over the share of train masks replaced by GT")
+    p_h = kinds.add_parser("hparams", help="TPE over a method's search_space, pruned on val IoU")
+    for p in (p_t, p_g, p_h):
+        _add_run_options(p)
+        p.add_argument("--study", help="study name (threshold: a prefix); default from the sweep")
+        p.add_argument(
+            "--storage", help="Optuna storage: SQLAlchemy URL or journal:PATH (default: the "
+            "journal file OUT/studies/optuna.journal)",
+        )  # fmt: skip
+        p.add_argument("--sampler-seed", type=int, default=0, help="sampler seed (default 0)")
+    p_t.add_argument("--trials", type=int, default=200, help="trials per study (default 200)")
+    p_t.add_argument("--n-bins", type=int, default=1000, help="threshold grid (default 1000)")
+    p_g.add_argument(
+        "--ratios", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 1.0],
+        help="gt ratios of the grid (default 0 0.1 0.2 0.3 0.4 1.0)",
+    )  # fmt: skip
+    p_g.add_argument(
+        "--gt-rule", default="subset", choices=["subset", "weaktr_batch"],
+        help="subset: a fixed nested subset gets GT (default); weaktr_batch: WeakTR-Refinery's "
+        "max(1, int(r * batch)) GT images redrawn in every batch",
+    )  # fmt: skip
+    p_h.add_argument("--method", required=True, help="the method (name or name[k=v,...])")
+    p_h.add_argument("--trials", type=int, default=20, help="trials of the study (default 20)")
+    for p in (p_g, p_h):
+        p.add_argument(
+            "--launcher", default="none", choices=["none", "local", "slurm"],
+            help="none: trials run here; local / slurm: submitit worker jobs",
+        )  # fmt: skip
+        p.add_argument("--workers", type=int, default=2, help="worker jobs for --launcher")
+        p.add_argument("--slurm-partition", help="Slurm partition of the worker jobs")
+        p.add_argument("--timeout-min", type=int, default=60, help="worker job time limit")
+        p.add_argument("--gpus-per-node", type=int, help="GPUs per worker job")
+        p.add_argument("--cpus-per-task", type=int, help="CPUs per worker job")
+
+    p_w = sub.add_parser("worker", help="run trials of an existing study (any storage)")
+    p_w.add_argument("--storage", required=True, help="the study's storage URL or journal:PATH")
+    p_w.add_argument("--study", required=True, help="the study name")
+    p_w.add_argument("--out", help="output folder (default: the one stored with the study)")
+    p_w.add_argument("--trials", type=int, help="at most this many trials here")
+    p_w.add_argument("--worker-index", type=int, default=0, help="offsets the sampler seed")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -177,6 +225,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from benchmark import runner, sweeps
+
+    sweep_only = {
+        "study", "storage", "sampler_seed", "trials", "n_bins", "ratios", "gt_rule", "method",
+        "launcher", "workers", "slurm_partition", "timeout_min", "gpus_per_node",
+        "cpus_per_task", "sweep_kind",
+    }  # fmt: skip
+    cli = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "verbose", *sweep_only) and v is not None
+    }
+    yaml_values = load_yaml(args.config) if args.config else {}
+    cfg = build_config(yaml_values, cli)
+    if args.sweep_kind is None:
+        build_parser().parse_args(["sweep", "--help"])
+    runner.resolve_device(cfg.device)
+    if args.sweep_kind == "threshold":
+        runner.expand_methods(cfg.methods)
+        summary = sweeps.sweep_threshold(
+            cfg, args.trials, args.n_bins, args.storage, args.study, args.sampler_seed
+        )
+        cols = ["method_id", "repetition", "threshold", "val_iou", "test_iou"]
+        cols += ["exhaustive_threshold", "match", "trials", "search_s", "persist_s"]
+        if "error" in summary:
+            cols.append("error")
+        table = summary.reindex(columns=cols)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"\nstudies: {Path(cfg.out) / 'studies'}")
+        return 0
+    slurm = {"timeout_min": args.timeout_min}
+    for key in ("slurm_partition", "gpus_per_node", "cpus_per_task"):
+        if getattr(args, key) is not None:
+            slurm[key] = getattr(args, key)
+    if args.sweep_kind == "gt-ratio":
+        spec = sweeps.gt_ratio_spec(cfg, args.ratios, args.gt_rule, args.sampler_seed)
+        name = args.study or f"gt_ratio-{cfg.dataset}-{cfg.preset}-{args.gt_rule}"
+    else:
+        spec = sweeps.hparams_spec(cfg, args.method, args.trials, 0, args.sampler_seed)
+        name = args.study or f"hparams-{cfg.dataset}-{cfg.preset}-{spec.methods[0]}"
+    study, _ = sweeps.start_study(spec, name, args.storage, args.launcher, args.workers, slurm)
+    rows = sweeps.study_rows(cfg.out, name)
+    if args.sweep_kind == "gt-ratio":
+        table = sweeps.gt_ratio_table(rows, cfg.convention)
+        print(table.to_string(float_format=lambda v: f"{v:.4f}") if not table.empty else rows)
+    else:
+        done = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
+        print(f"{len(study.trials)} trials, {len(done)} complete")
+        if done:
+            print(f"best: value {study.best_value:.4f}, params {study.best_params}")
+    print(f"\ntrials: {Path(cfg.out) / 'studies' / (sweeps.study_slug(name) + '.csv')}")
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from benchmark import sweeps
+
+    n = sweeps.run_worker(args.storage, args.study, args.worker_index, args.out, args.trials)
+    print(f"worker {args.worker_index}: {n} trials")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -198,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_check(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        if args.command == "worker":
+            return _cmd_worker(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

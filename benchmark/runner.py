@@ -39,7 +39,7 @@ import datasets
 from benchmark import cache as bcache
 from benchmark.accounting import measure
 from benchmark.config import ConfigError, RunConfig
-from benchmark.evaluate import METRICS, Evaluator, ThresholdSweep
+from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep
 from benchmark.store import now_iso, provenance, write_per_image, write_rows
 from methods import create_method, list_methods
 from methods.base import Context, ImageSet, Method, parse_spec, seed_everything
@@ -295,17 +295,31 @@ def compute_maps(
     return bcache.load_array(path), {**cost.to_dict(), "reused": False}
 
 
-def choose_threshold(
-    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str
-) -> tuple[float, pd.DataFrame]:
-    """The threshold of best validation IoU (one-pass sweep) and the validation curve."""
-    sweep = ThresholdSweep(n_bins=SWEEP_BINS)
+def sweep_counts(
+    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str, n_bins: int = SWEEP_BINS
+) -> SweepCounts:
+    """TP/FP/FN/TN of a split's maps at every grid threshold ``i / n_bins`` (one pass)."""
+    sweep = ThresholdSweep(n_bins=n_bins)
     pairs = [
         (positive_map(soft[0].astype(np.float32), convention), gt) for soft, gt in zip(maps, masks)
     ]
     sweep.add_many([p[0] for p in pairs], [p[1] for p in pairs])  # one batched, threaded pass
-    counts = sweep.counts()
-    best_t, _ = counts.best("iou")
+    return sweep.counts()
+
+
+def choose_threshold(
+    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str
+) -> tuple[float, pd.DataFrame]:
+    """The threshold of best validation IoU and the validation curve.
+
+    The same code path as ``python -m benchmark sweep threshold``: one-pass sweep counts, then
+    :func:`benchmark.sweeps.search_threshold` (an in-memory Optuna study; at ``SWEEP_BINS`` its
+    coarse grid is the whole grid, so every threshold is evaluated and ties go to the lowest).
+    """
+    from benchmark.sweeps import search_threshold
+
+    counts = sweep_counts(maps, masks, convention)
+    best_t = search_threshold(counts).threshold
     curve = pd.DataFrame({"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}})
     return float(best_t), curve
 
@@ -368,11 +382,29 @@ class RunSpec:
     repetition: int
 
 
+@dataclass
+class OpenRun:
+    """One run's method, seed, base row, keys, folders and context (see Runner.open_run)."""
+
+    method: Method
+    seed: int
+    base: dict[str, Any]
+    run_key: str
+    run_dir: Path
+    seg_key: str
+    ctx: RunContext
+
+
 class Runner:
     """Runs every RunSpec of a RunConfig on a prepared DataBundle."""
 
-    def __init__(self, cfg: RunConfig, bundle: DataBundle | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, bundle: DataBundle | None = None, gt_rule: str = "subset"
+    ) -> None:
         self.cfg = cfg
+        # how gt_ratio is applied: "subset" (a fixed nested subset) or "weaktr_batch"
+        # (WeakTR-Refinery's per-batch draw; see benchmark.sweeps.PerBatchGTMasks)
+        self.gt_rule = gt_rule
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.bundle = bundle or prepare_data(cfg)
@@ -419,8 +451,8 @@ class Runner:
             **{f"v_{k}": v for k, v in provenance().items()},
         }
 
-    def run_one(self, spec: RunSpec) -> list[dict[str, Any]]:
-        """Run one method repetition; returns (and stores) its rows, whatever happens."""
+    def open_run(self, spec: RunSpec) -> OpenRun:
+        """The method, seed, base row, keys, folders and context of a run (computes nothing)."""
         cfg, b = self.cfg, self.bundle
         method = create_method(spec.method_spec, preset=cfg.preset)
         seed = derive_seed(cfg.base_seed, cfg.dataset, method.identity(), spec.repetition)
@@ -447,10 +479,10 @@ class Runner:
                 "gt_ratio": cfg.gt_ratio,
                 "threshold": cfg.threshold,
                 "convention": cfg.convention,
+                **({"gt_rule": self.gt_rule} if self.gt_rule != "subset" else {}),
             },
             10,
         )
-        rows_key = f"{method.name}-{run_key}-{seg_key}"
         ctx = RunContext(
             device=self.device,
             seed=seed,
@@ -463,7 +495,23 @@ class Runner:
             force=cfg.force,
         )
         base["run_key"] = run_key
-        logger.info("run %s (seed %d) -> %s", method.identity(), seed, run_dir)
+        return OpenRun(method, seed, base, run_key, run_dir, seg_key, ctx)
+
+    def run_one(
+        self, spec: RunSpec, extra: dict[str, Any] | None = None, rows_key: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Run one method repetition; returns (and stores) its rows, whatever happens.
+
+        Args:
+            spec: the method spec and repetition.
+            extra: columns added to every row (sweeps: ``study``, ``trial``, ...).
+            rows_key: the result file's key (default: method, run key and segmenter key).
+        """
+        cfg, run = self.cfg, self.open_run(spec)
+        method, ctx, run_dir, seg_key = run.method, run.ctx, run.run_dir, run.seg_key
+        base = {**run.base, **(extra or {})}
+        rows_key = rows_key or f"{method.name}-{run.run_key}-{seg_key}"
+        logger.info("run %s (seed %d) -> %s", method.identity(), run.seed, run_dir)
         try:
             rows = self._execute(method, ctx, run_dir, base, seg_key)
         except KeyboardInterrupt:
@@ -491,9 +539,14 @@ class Runner:
         write_rows(self.out, rows_key, rows)
         return rows
 
-    def _execute(
-        self, method: Method, ctx: RunContext, run_dir: Path, base: dict[str, Any], seg_key: str
-    ) -> list[dict[str, Any]]:
+    def fit_and_maps(
+        self, method: Method, ctx: RunContext, run_dir: Path
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+        """Fit the method (cached stages) and compute its train/val/test maps (cached).
+
+        Returns:
+            ``(maps, stage_costs)``: maps (N, C, h, w) per split part, costs per stage.
+        """
         cfg, b = self.cfg, self.bundle
         seed_everything(ctx.seed)
         train = b.imageset("train", masks=method.uses_masks)
@@ -511,6 +564,13 @@ class Runner:
             maps[part], stage_costs[f"maps_{part}"] = compute_maps(
                 method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force
             )
+        return maps, stage_costs
+
+    def _execute(
+        self, method: Method, ctx: RunContext, run_dir: Path, base: dict[str, Any], seg_key: str
+    ) -> list[dict[str, Any]]:
+        cfg, b = self.cfg, self.bundle
+        maps, stage_costs = self.fit_and_maps(method, ctx, run_dir)
 
         # threshold: fixed (method or option) or chosen on validation, never on test
         curve = None
@@ -526,6 +586,8 @@ class Runner:
 
         n_train = len(b.index["train"])
         replaced = gt_subset(n_train, cfg.gt_ratio, f"{b.split.sha256}|{cfg.base_seed}")
+        if self.gt_rule != "subset":
+            replaced = replaced[:0]  # GT is drawn per batch instead (train_masks below)
         pet_train = np.asarray(b.cache.masks("pet"))[b.index["train"]]
         pseudo = pseudo_masks(
             maps["train"],
@@ -535,6 +597,11 @@ class Runner:
             replaced,
             getattr(method, "pseudo_from_gt", False),
         )
+        train_masks: Any = pseudo
+        if self.gt_rule != "subset":
+            from benchmark.sweeps import gt_rule_masks
+
+            train_masks = gt_rule_masks(self.gt_rule, pseudo, pet_train, cfg.gt_ratio, ctx.seed)
 
         # the shared segmenter, identical for every method
         seg_ctx = RunContext(
@@ -551,7 +618,9 @@ class Runner:
         seg_config = self.segmenter_config
         state = seg_ctx.stage(
             "train",
-            lambda: train_segmenter(np.asarray(images_train.images), pseudo, seg_config, seg_ctx),
+            lambda: train_segmenter(
+                np.asarray(images_train.images), train_masks, seg_config, seg_ctx
+            ),
         )
         stage_costs["segmenter"] = seg_ctx.costs["train"]
         model = build_segmenter(seg_config)
