@@ -90,6 +90,7 @@ GT_RULES = ("subset", "weaktr_batch")
 LAUNCHERS = ("none", "local", "slurm")
 THRESHOLD_BINS = 1000  # 1,001 thresholds i / 1000 for the threshold sweep
 COARSE_STEP = 0.01  # the coarse grid search_threshold evaluates first
+FINE_PEAKS = 3  # coarse thresholds whose fine neighbourhoods are evaluated next
 DEFAULT_THRESHOLD_TRIALS = 200
 DUPLICATE_WAIT_S = 900.0  # how long a duplicate waits for the earlier trial of its grid point
 JOURNAL_NAME = "optuna.journal"
@@ -350,7 +351,8 @@ def search_threshold(
     """Choose a threshold with an in-memory Optuna study on precomputed sweep counts.
 
     Trials, in order: every threshold of the coarse grid (multiples of ``coarse_step``); the fine
-    thresholds within one coarse step of the coarse best; then TPE (seeded) until ``n_trials``.
+    thresholds within one coarse step of the ``FINE_PEAKS`` best coarse thresholds; then TPE
+    (seeded) until ``n_trials``.
     TPE works on a continuous ``threshold`` (3x cheaper per proposal than a stepped one) and each
     proposal is evaluated at the nearest grid threshold, which :attr:`ThresholdResult.trials`
     record. With ``n_trials=None`` the TPE phase is skipped. When the counts' grid is not finer
@@ -417,8 +419,12 @@ def search_threshold(
         if coarse[-1] != n_bins:
             coarse.append(n_bins)
         add(coarse, "coarse")
-        best = _best_index(values, coarse)
-        add([i for i in range(best - step + 1, best + step) if 0 <= i <= n_bins], "fine")
+        # near-ties between distant peaks are common on small validation sets: refine around
+        # the best FINE_PEAKS coarse thresholds, best first
+        coarse_vals = np.where(np.isnan(values[coarse]), -np.inf, values[coarse])
+        for k in np.argsort(-coarse_vals, kind="stable")[:FINE_PEAKS]:
+            c = coarse[int(k)]
+            add([i for i in range(c - step + 1, c + step) if 0 <= i <= n_bins], "fine")
         for _ in range(max(0, (n_trials or 0) - len(study.trials))):
             trial = study.ask({"threshold": cont})
             proposed = float(trial.params["threshold"])
@@ -528,6 +534,7 @@ def sweep_threshold(
             "exhaustive_val_iou": exhaustive_v,
             "match": abs(result.threshold - exhaustive_t) <= COARSE_STEP + 1e-9,
             "exact": result.threshold == exhaustive_t,
+            "iou_gap": exhaustive_v - result.value,
             "trials": result.n_trials,
             "search_s": result.seconds,
             "counts_s": count_s,

@@ -75,6 +75,24 @@ def test_threshold_search_matches_exhaustive_1001_in_200_trials(seed):
     assert {t.user_attrs["phase"] for t in result.trials} == {"coarse", "fine", "tpe"}
 
 
+def test_threshold_near_tie_between_distant_peaks():
+    """Two peaks 0.03 apart whose coarse values rank the wrong one first (seen on tiny CAM)."""
+    from benchmark.evaluate import SweepCounts
+
+    t = np.arange(1001) / 1000
+    iou = 0.1 + 0.09389 * np.exp(-(((t - 0.432) / 0.02) ** 2))  # broad peak, best coarse: 0.43
+    iou = np.maximum(iou, 0.1 + 0.09396 * np.exp(-(((t - 0.402) / 0.004) ** 2)))  # true best
+    scale = 10**9
+    tp = np.round(iou * scale).astype(np.int64)
+    zeros = np.zeros_like(tp)
+    counts = SweepCounts(t, tp, scale - tp, zeros, zeros, 1)
+    coarse = counts.metric("iou")[::10]
+    assert np.argmax(coarse) == 43  # the coarse grid alone would pick 0.43
+    assert sweeps.search_threshold(counts).threshold == pytest.approx(0.402)  # no TPE needed
+    result = sweeps.search_threshold(counts, n_trials=200)
+    assert result.threshold == pytest.approx(0.402) == counts.best("iou")[0]
+
+
 @pytest.mark.parametrize("seed", [0, 5])
 def test_run_threshold_is_the_exhaustive_grid_best(seed):
     counts = _blob_counts(seed, n_bins=brunner.SWEEP_BINS)
