@@ -6,25 +6,44 @@ Outputs are written to a temporary file in the same folder and renamed into plac
 only when its marker exists and the output matches the marker's size and checksum: a file that
 was truncated or altered on disk is detected, reported with a warning naming it, and
 recomputed. A crash or SIGKILL therefore loses at most the stage in flight.
+
+Concurrency: several ``run`` processes may share one output folder. Integrity never depends on
+locks (every file appears whole, by rename, and is trusted only through its marker); a lock
+file beside each output (:func:`output_lock`, ``filelock``, released by the OS when a process
+dies) only makes the second process wait and reuse the first one's result instead of computing
+it again and replacing the file under the other's feet.
+
+A write that fails because the disk is full raises :class:`DiskFullError` naming the file; the
+temporary file is removed and whatever was complete before stays complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
+
+from benchmark import faults
 
 logger = logging.getLogger(__name__)
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing an output; the message names the file."""
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:
@@ -43,18 +62,36 @@ def file_sha256(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` atomically (temporary file + fsync + rename).
+
+    Raises:
+        DiskFullError: the disk is full or the quota exceeded (the temporary file is removed).
+    """
+    view = memoryview(data)
+    half = len(view) // 2
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(view[:half])
+            f.flush()
+            faults.point("write", str(path))  # test-only; see benchmark.faults
+            f.write(view[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise DiskFullError(
+                exc.errno,
+                f"disk full ({exc.strerror}) while writing {path} ({len(data)} bytes); "
+                f"free space under {path.parent} and run again: completed stages and results "
+                "are kept",
+            ) from exc
         raise
 
 
@@ -70,6 +107,7 @@ def _marker(path: Path) -> Path:
 def write_with_marker(path: Path, data: bytes, meta: dict[str, Any] | None = None) -> None:
     """Write an output atomically, then its completion marker (size, SHA-256, metadata)."""
     atomic_write_bytes(path, data)
+    faults.point("marker", str(path))  # test-only; see benchmark.faults
     marker = {
         "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -110,9 +148,39 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return info
 
 
+def output_lock(path: Path) -> FileLock:
+    """A lock (file ``.NAME.lock`` beside ``path``) held while an output is checked or computed.
+
+    Acquire it with ``with output_lock(path):``; the lock is released when the block ends or the
+    process dies. It is not reentrant across separate calls for the same path.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.with_name(f".{path.name}.lock")))
+
+
+@contextlib.contextmanager
+def computing(path: Path) -> Iterator[FileLock]:
+    """Hold :func:`output_lock` of ``path``, logging when another process holds it first."""
+    lock = output_lock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("waiting for another process that is computing %s", path)
+        lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def invalidate(path: Path) -> None:
-    """Remove an output and its marker (marker first, so no half state is ever 'done')."""
-    for p in (_marker(path), path):
+    """Remove an output and its marker (marker first, so no half state is ever 'done').
+
+    Temporary files left by a killed writer of ``path`` (``.NAME.*.tmp``) are removed too;
+    call it while holding :func:`computing` of ``path``, so that no live writer owns them.
+    """
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in (_marker(path), path, *stale):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
 
@@ -145,12 +213,13 @@ def cached_tensors(
     path: Path, compute: Callable[[], dict[str, Any]], force: bool = False
 ) -> tuple[dict[str, Any], bool]:
     """Return (tensors, reused): load a complete cached stage, else compute and save it."""
-    if not force and read_marker(path) is not None:
-        try:
-            return load_tensors(path), True
-        except Exception as exc:  # a corrupt file that kept its checksum is impossible,
-            logger.warning("cannot load %s (%s); recomputing", path, exc)  # but be safe
-    invalidate(path)
-    result = compute()
-    save_tensors(path, result)
-    return result, False
+    with computing(path):
+        if not force and read_marker(path) is not None:
+            try:
+                return load_tensors(path), True
+            except Exception as exc:  # a corrupt file that kept its checksum is impossible,
+                logger.warning("cannot load %s (%s); recomputing", path, exc)  # but be safe
+        invalidate(path)
+        result = compute()
+        save_tensors(path, result)
+        return result, False

@@ -40,6 +40,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-minutes", type=float, help="wall-clock cap per method run")
     p.add_argument("--max-epochs", type=int, help="epoch cap per training stage")
     p.add_argument("--segmenter-epochs", type=int, help="epochs of the shared segmenter")
+    p.add_argument(
+        "--segmenter-batch-size", type=int, help="batch size of the shared segmenter (preset's)"
+    )
     p.add_argument("--segmenter", help="lraspp (default) | unet")
     p.add_argument("--gt-ratio", type=float, help="share of train pseudo masks replaced by GT")
     p.add_argument("--threshold", type=float, help="fixed threshold instead of the val sweep")
@@ -205,7 +208,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     yaml_values = load_yaml(args.config) if args.config else {}
     cfg = build_config(yaml_values, cli)
-    runner.expand_methods(cfg.methods)  # fail fast on unknown names (exit 2)
+    runner.check_methods(cfg.methods, cfg.preset)  # fail fast on bad specs (exit 2)
     runner.resolve_device(cfg.device)
     rows = runner.run(cfg)
     from reports import main_table_text, write_report
@@ -316,5 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from benchmark.cache import DiskFullError
+        from datasets import DatasetError
+
+        if isinstance(exc, DatasetError):  # unusable data: one clear error, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, DiskFullError):  # earlier stages and rows are intact
+            print(f"error: {exc.strerror}", file=sys.stderr)
+            return 1
+        raise
     parser.print_help()
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class RunConfig:
         budget_minutes: wall-clock cap per method run (``None``: no cap).
         max_epochs: optional epoch cap per training stage.
         segmenter_epochs: epochs of the shared segmenter (``None``: the preset's).
+        segmenter_batch_size: batch size of the shared segmenter (``None``: the preset's).
         segmenter: segmenter architecture (``lraspp`` | ``unet``).
         gt_ratio: share of train images whose pseudo mask is replaced by its GT mask.
         threshold: a fixed threshold instead of the validation sweep (``None``: sweep).
@@ -61,6 +64,7 @@ class RunConfig:
     budget_minutes: float | None = None
     max_epochs: int | None = None
     segmenter_epochs: int | None = None
+    segmenter_batch_size: int | None = None
     segmenter: str = "lraspp"
     gt_ratio: float = 0.0
     threshold: float | None = None
@@ -83,8 +87,19 @@ class RunConfig:
 
         if isinstance(self.methods, str):
             self.methods = [self.methods]
+        if not isinstance(self.methods, (list, tuple)) or not all(
+            isinstance(m, str) for m in self.methods
+        ):
+            raise ConfigError(f"--methods: expected a list of method names, got {self.methods!r}")
         if not self.methods:
             raise ConfigError("--methods: empty list; give 'all' or method names")
+        for name in ("dataset", "preset", "split", "convention", "segmenter", "out"):
+            _text(name, getattr(self, name))
+        if self.data_root is not None:
+            _text("data-root", self.data_root)
+        for name in ("amp", "force", "report"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"--{name}: expected true or false, got {getattr(self, name)!r}")
         _choice("preset", self.preset, tuple(PRESET_IMAGE_SIZE))
         _choice("split", self.split, SPLIT_SCHEMES)
         _choice("convention", self.convention, CONVENTIONS)
@@ -103,6 +118,8 @@ class RunConfig:
             _int("max-epochs", self.max_epochs, minimum=1)
         if self.segmenter_epochs is not None:
             _int("segmenter-epochs", self.segmenter_epochs, minimum=0)
+        if self.segmenter_batch_size is not None:
+            _int("segmenter-batch-size", self.segmenter_batch_size, minimum=1)
         if self.threshold is not None:
             _number("threshold", self.threshold, 0.0, 1.0)
         if self.image_size is not None:
@@ -119,6 +136,11 @@ class RunConfig:
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ConfigError(f"--{name}: {value!r} is not one of {', '.join(valid)}")
+
+
+def _text(name: str, value: Any) -> None:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(f"--{name}: expected a non-empty text value, got {value!r}")
 
 
 def _int(name: str, value: Any, minimum: int | None = None) -> None:
@@ -165,3 +187,48 @@ def build_config(yaml_values: dict[str, Any], cli_values: dict[str, Any]) -> Run
     values = dict(yaml_values)
     values.update({k: v for k, v in cli_values.items() if v is not None})
     return RunConfig(**values).validate()
+
+
+_SECRET_KEYS = re.compile(r"pass|secret|token|key|auth|credential", re.IGNORECASE)
+
+
+def mask_url(url: str) -> str:
+    """A storage URL safe to log or print: the password (and secret query values) masked.
+
+    ``postgresql://bench:s3cret@db:5432/optuna`` becomes ``postgresql://bench:***@db:5432/optuna``;
+    query parameters whose names look secret (``password``, ``token``, ``api_key``, ...) get
+    ``***`` too. Paths, hosts, ports and user names are kept so that logs stay useful; text
+    that is not a URL (a plain file path) is returned unchanged.
+
+    Args:
+        url: an RDB / journal URL or a file path.
+
+    Returns:
+        The masked text.
+    """
+    text = str(url)
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user, sep, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{host}" if sep else f"{user}@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, "***" if _SECRET_KEYS.search(k) else v) for k, v in pairs], safe="*"
+            )
+        if (netloc, query) == (parts.netloc, parts.query):
+            return text  # nothing secret (urlunsplit would also drop the "//" of sqlite:///)
+        masked = f"{parts.scheme}://{netloc}{parts.path}"
+        return (
+            masked
+            + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else "")
+        )
+    except ValueError:  # unparsable: hide everything between the scheme and the host
+        return re.sub(r"(://)[^/@]*@", r"\1***@", text)

@@ -37,6 +37,7 @@ import torch
 
 import datasets
 from benchmark import cache as bcache
+from benchmark import faults
 from benchmark.accounting import measure
 from benchmark.config import ConfigError, RunConfig
 from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep
@@ -93,7 +94,10 @@ def expand_methods(specs: list[str]) -> list[str]:
             if part == "all":
                 matched = known
             elif "[" in part:
-                name, _ = parse_spec(part)
+                try:
+                    name, _ = parse_spec(part)
+                except Exception as exc:  # noqa: BLE001 - a ValueError or a YAML error
+                    raise ConfigError(f"--methods: {exc}".splitlines()[0]) from None
                 if name not in known:
                     raise ConfigError(
                         f"--methods: unknown method {name!r}; valid: {', '.join(known)}"
@@ -109,6 +113,25 @@ def expand_methods(specs: list[str]) -> list[str]:
                 raise ConfigError(f"--methods: unknown method {part!r}; valid: {', '.join(known)}")
             out.extend(m for m in matched if m not in out)
     return out
+
+
+def check_methods(specs: list[str], preset: str) -> list[str]:
+    """Expand method specs and build each one's config, so that a bad spec fails before any work.
+
+    Raises:
+        ConfigError: an unknown method or parameter, a value of the wrong type or an
+            unparsable spec (one line naming ``--methods``).
+    """
+    import yaml
+
+    expanded = expand_methods(specs)
+    for spec in expanded:
+        try:
+            create_method(spec, preset=preset)
+        except (ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
+            text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ConfigError(f"--methods: {spec!r}: {text}".splitlines()[0]) from None
+    return expanded
 
 
 def _split_specs(spec: str) -> list[str]:
@@ -156,9 +179,13 @@ class RunContext(Context):
     started: float = field(default_factory=time.perf_counter)
     costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     prefix: str = ""
+    phase: str = ""  # the runner's step in flight (fit, maps_val, segmenter, ...), for errors
+    active: str = ""  # the internal stage being computed
+    failed: str = ""  # the innermost stage whose computation raised
 
     def should_continue(self) -> bool:
         """False once the run's wall-clock budget is spent (then the run's status is budget)."""
+        faults.point("step", self.active)  # test-only; see benchmark.faults
         if self.budget_s is not None and time.perf_counter() - self.started > self.budget_s:
             if not self.budget_hit:
                 logger.info("budget of %.0f s spent: stopping training", self.budget_s)
@@ -169,30 +196,58 @@ class RunContext(Context):
     def stage(
         self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        """Reuse the cached stage ``name`` when complete and intact, else compute and save it."""
+        """Reuse the cached stage ``name`` when complete and intact, else compute and save it.
+
+        Another process computing the same stage is waited for (see
+        :func:`benchmark.cache.computing`). A result with NaN or inf values (a diverged
+        training) raises FloatingPointError and is never cached.
+        """
         path = self.stage_dir / f"{self.prefix}{name}.pt"
-        info = None if self.force else bcache.read_marker(path)
-        if info is not None:
+        with bcache.computing(path):
+            info = None if self.force else bcache.read_marker(path)
+            if info is not None:
+                try:
+                    tensors = bcache.load_tensors(path)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("cannot load cached stage %s (%s); recomputing", path, exc)
+                else:
+                    meta = info.get("meta", {})
+                    self.budget_hit = self.budget_hit or bool(meta.get("budget_hit"))
+                    self.costs[name] = {**meta.get("cost", {}), "reused": True}
+                    logger.info("stage %s: reused %s", name, path)
+                    return tensors
+            bcache.invalidate(path)
+            before, outer = self.budget_hit, self.active
+            self.budget_hit, self.active = False, f"{self.prefix}{name}"
             try:
-                tensors = bcache.load_tensors(path)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("cannot load cached stage %s (%s); recomputing", path, exc)
-            else:
-                meta = info.get("meta", {})
-                self.budget_hit = self.budget_hit or bool(meta.get("budget_hit"))
-                self.costs[name] = {**meta.get("cost", {}), "reused": True}
-                logger.info("stage %s: reused %s", name, path)
-                return tensors
-        bcache.invalidate(path)
-        before = self.budget_hit
-        self.budget_hit = False
-        with measure(self.device) as cost:
-            tensors = compute()
-        hit = self.budget_hit
-        self.budget_hit = before or hit
-        bcache.save_tensors(path, tensors, {"cost": cost.to_dict(), "budget_hit": hit})
-        self.costs[name] = {**cost.to_dict(), "reused": False}
-        return tensors
+                with measure(self.device) as cost:
+                    tensors = compute()
+                _check_finite(name, tensors)
+            except BaseException:
+                self.failed = self.failed or self.active
+                raise
+            finally:
+                self.active = outer
+            hit = self.budget_hit
+            self.budget_hit = before or hit
+            bcache.save_tensors(path, tensors, {"cost": cost.to_dict(), "budget_hit": hit})
+            self.costs[name] = {**cost.to_dict(), "reused": False}
+            return tensors
+
+
+def _check_finite(stage: str, tensors: dict[str, Any]) -> None:
+    """Raise FloatingPointError if a floating tensor of a stage result holds NaN or inf."""
+    bad = [
+        key
+        for key, value in tensors.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise FloatingPointError(
+            f"stage {stage}: training diverged: NaN or inf in {shown} (the loss became NaN or "
+            "inf; try a lower learning rate); not cached"
+        )
 
 
 # ---- data shared by every run -------------------------------------------------------------------
@@ -247,11 +302,24 @@ def prepare_data(cfg: RunConfig) -> DataBundle:
     position = {n: i for i, n in enumerate(cache.names)}
     for reason in getattr(cache, "excluded", []) or []:
         logger.warning("left out of the image cache: %s", reason)
+    write_manifest(out / "data" / f"{cfg.dataset}-manifest.json", dataset, cache)
     index = {
         part: np.array([position[n] for n in getattr(split, part) if n in position], dtype=np.int64)
         for part in ("train", "val", "test")
     }
     return DataBundle(dataset=dataset, split=split, cache=cache, index=index, size=cfg.size)
+
+
+def write_manifest(path: Path, dataset: Any, cache: Any) -> None:
+    """Write the data manifest: counts, classes and every excluded file with its reason.
+
+    ``excluded`` comes from the dataset's validation, ``cache_excluded`` from the image cache
+    (files that changed after validation). Written atomically; read it with ``json.load``.
+    """
+    info: dict[str, Any] = dataset.check() if hasattr(dataset, "check") else {}
+    info["cache_excluded"] = list(getattr(cache, "excluded", []) or [])
+    info["cached_images"] = len(cache.names)
+    bcache.atomic_write_text(path, _json(info))
 
 
 # ---- helpers of one run -------------------------------------------------------------------------
@@ -275,9 +343,21 @@ def compute_maps(
     method: Method, images: ImageSet, ctx: Context, path: Path, force: bool
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Maps (N, C, h, w) of a split, float16 memory-mapped, cached with a marker."""
+    with bcache.computing(path):  # a concurrent run on the same folder waits, then reuses
+        return _compute_maps(method, images, ctx, path, force)
+
+
+def _compute_maps(
+    method: Method, images: ImageSet, ctx: Context, path: Path, force: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
     info = None if force else bcache.read_marker(path)
     if info is not None:
-        return bcache.load_array(path), {**info.get("meta", {}).get("cost", {}), "reused": True}
+        try:
+            array = bcache.load_array(path)  # allow_pickle=False: an object array is refused
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot load cached maps %s (%s); recomputing", path, exc)
+        else:
+            return array, {**info.get("meta", {}).get("cost", {}), "reused": True}
     bcache.invalidate(path)
     chunks = []
     with measure(ctx.device) as cost:
@@ -412,6 +492,8 @@ class Runner:
         seg_values["arch"] = cfg.segmenter
         if cfg.segmenter_epochs is not None:
             seg_values["epochs"] = cfg.segmenter_epochs
+        if cfg.segmenter_batch_size is not None:
+            seg_values["batch_size"] = cfg.segmenter_batch_size
         self.segmenter_config = SegmenterConfig(**seg_values)
 
     def specs(self) -> list[RunSpec]:
@@ -514,12 +596,14 @@ class Runner:
         logger.info("run %s (seed %d) -> %s", method.identity(), run.seed, run_dir)
         try:
             rows = self._execute(method, ctx, run_dir, base, seg_key)
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, bcache.DiskFullError):
+            raise  # a full disk stops every run: nothing more can be stored (earlier rows kept)
         except Exception as exc:  # noqa: BLE001 - one failing method never stops the others
             tb = run_dir / "error.txt"
             bcache.atomic_write_text(tb, traceback.format_exc())
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+                reason = self._oom_reason(method, ctx, exc)
             logger.error("%s failed: %s (traceback: %s)", method.identity(), reason, tb)
             rows = [
                 {
@@ -551,6 +635,7 @@ class Runner:
         seed_everything(ctx.seed)
         train = b.imageset("train", masks=method.uses_masks)
 
+        ctx.phase = "fit"
         with measure(self.device) as fit_cost:
             method.fit(train, ctx)
         # internal stages carry their original cost when reused; "fit" is this call's cost
@@ -561,10 +646,38 @@ class Runner:
         maps: dict[str, np.ndarray] = {}
         for part in ("train", "val", "test"):
             images = b.imageset(part, masks=method.uses_masks)
+            ctx.phase = f"maps_{part}"
             maps[part], stage_costs[f"maps_{part}"] = compute_maps(
                 method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force
             )
         return maps, stage_costs
+
+    def _oom_reason(self, method: Method, ctx: RunContext, exc: BaseException) -> str:
+        """One line: where memory ran out, at which batch size, and the option to lower it."""
+        where = ctx.phase or "run"
+        if ctx.failed and where == "fit":
+            where = f"fit (stage {ctx.failed})"
+        if ctx.phase.startswith("segmenter"):
+            size = self.segmenter_config.batch_size
+            sizes = f"segmenter batch_size={size}"
+            hint = f"--segmenter-batch-size {max(1, size // 2)}"
+        else:
+            params = method.params()
+            fields = [k for k in sorted(params) if k.endswith("batch_size")]
+            sizes = ", ".join(f"{k}={params[k]}" for k in fields) or "no batch-size parameter"
+            infer = ctx.phase.startswith("maps")
+            pick = [k for k in fields if k.startswith("infer") == infer] or fields
+            hint = (
+                f"--methods '{method.name}[{pick[0]}={max(1, int(params[pick[0]]) // 2)}]'"
+                if pick
+                else "a smaller --image-size"
+            )
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return (
+            f"out of memory on {self.device} during {where} of {method.identity()} with "
+            f"{sizes}: lower it, e.g. {hint} (or --image-size); completed stages are kept "
+            f"and reused [{type(exc).__name__}: {detail}]"
+        )
 
     def _execute(
         self, method: Method, ctx: RunContext, run_dir: Path, base: dict[str, Any], seg_key: str
@@ -616,6 +729,7 @@ class Runner:
         )
         images_train = b.imageset("train")
         seg_config = self.segmenter_config
+        ctx.phase = "segmenter"
         state = seg_ctx.stage(
             "train",
             lambda: train_segmenter(
@@ -628,14 +742,18 @@ class Runner:
         model.to(self.device).eval()
         test = b.imageset("test")
         pred_path = run_dir / "preds" / f"segmenter-{seg_key}-test.npy"
-        if not cfg.force and bcache.read_marker(pred_path) is not None:
-            preds = bcache.load_array(pred_path)
-        else:
-            with measure(self.device) as pred_cost:
-                preds = predict_segmenter(model, np.asarray(test.images), seg_ctx)
-            bcache.save_array(pred_path, preds.astype(np.float16), {"cost": pred_cost.to_dict()})
-            preds = bcache.load_array(pred_path)  # score what is stored, fresh or reused
-            stage_costs["segmenter_predict"] = {**pred_cost.to_dict(), "reused": False}
+        ctx.phase = "segmenter_predict"
+        with bcache.computing(pred_path):
+            if not cfg.force and bcache.read_marker(pred_path) is not None:
+                preds = bcache.load_array(pred_path)
+            else:
+                with measure(self.device) as pred_cost:
+                    preds = predict_segmenter(model, np.asarray(test.images), seg_ctx)
+                meta = {"cost": pred_cost.to_dict()}
+                bcache.save_array(pred_path, preds.astype(np.float16), meta)
+                preds = bcache.load_array(pred_path)  # score what is stored, fresh or reused
+                stage_costs["segmenter_predict"] = {**pred_cost.to_dict(), "reused": False}
+        ctx.phase = "evaluate"
 
         status = "budget" if ctx.budget_hit else "done"
         reason = "cut by its budget; partial result kept" if ctx.budget_hit else ""

@@ -22,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +182,7 @@ class Method:
                 raise ValueError(
                     f"{cls.name}: unknown parameter {key!r}; valid: {', '.join(sorted(names))}"
                 )
+        _check_types(cls, overrides)
         values.update(overrides)
         return cls.Config(**values)
 
@@ -215,6 +219,48 @@ class Method:
     def search_space(self, trial: Any) -> dict[str, Any]:
         """Hyperparameters for Optuna sweeps (``trial.suggest_*``); none by default."""
         return {}
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether ``value`` fits the resolved type hint ``hint`` (containers: outer type only)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    base = origin or hint
+    if not isinstance(base, type):
+        return True  # an exotic hint: not checked
+    if base is bool:
+        return isinstance(value, (bool, np.bool_))
+    if base is float:  # numpy scalars (from sweeps) are fine
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if base is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if base is Path:
+        return isinstance(value, (str, Path))
+    if base is tuple:
+        return isinstance(value, (tuple, list))
+    return isinstance(value, base)
+
+
+def _check_types(cls: type[Method], overrides: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter when an override has the wrong type."""
+    try:
+        hints = typing.get_type_hints(cls.Config)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: leave it to the Config
+        return
+    for key, value in overrides.items():
+        if key in hints and not _accepts(hints[key], value):
+            hint = getattr(hints[key], "__name__", None) or str(hints[key])
+            raise ValueError(
+                f"{cls.name}: parameter {key!r} expects {hint.replace('typing.', '')}, "
+                f"got {value!r}"
+            )
 
 
 def _fmt(value: Any) -> str:

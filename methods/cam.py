@@ -38,7 +38,14 @@ from torch import nn
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.backbones import create_resnet
 from methods.common.cam import cam_from_features, tta_maps
-from methods.common.data import autocast, hflip_random, minibatches, seeded, to_tensor
+from methods.common.data import (
+    autocast,
+    check_loss,
+    hflip_random,
+    minibatches,
+    seeded,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +149,10 @@ class CAM(Method):
                 with autocast(ctx.device, ctx.amp):
                     logits, _ = model(x)
                 loss = F.cross_entropy(logits.float(), y)
+                total += check_loss(loss, "cam classifier", steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item()
                 steps += 1
             logger.debug("cam: epoch %d mean loss %.4f", epoch, total / max(1, -(-n // bs)))
         return _cpu_state(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,26 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def check_loss(loss: torch.Tensor, where: str, step: int) -> float:
+    """Return the loss as a float; raise FloatingPointError if it is NaN or inf.
+
+    Call it once per step, before ``backward()``, so that a diverged training stops with a
+    clear reason instead of caching NaN weights.
+
+    Args:
+        loss: the scalar loss of this step.
+        where: the method and stage, for the message (``cam classifier``).
+        step: the step number, for the message.
+    """
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{where}: training loss became {value} at step {step} (diverged; try a lower "
+            "learning rate or check the inputs)"
+        )
+    return value
 
 
 def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -26,7 +26,15 @@ from torch import nn
 
 from methods.base import Context
 from methods.common.backbones import PretrainedWeightsError
-from methods.common.data import apply_hflip, autocast, flip_flags, minibatches, seeded, to_tensor
+from methods.common.data import (
+    apply_hflip,
+    autocast,
+    check_loss,
+    flip_flags,
+    minibatches,
+    seeded,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +193,7 @@ def train_segmenter(
             with autocast(ctx.device, ctx.amp):
                 logits = model(x)  # (B, 2, H, W)
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
+            check_loss(loss, "segmenter", steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
