@@ -55,6 +55,11 @@ from methods.common.segmenter import (
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+#: Version of what the runner stores per stage (maps dtype and range, stage files); bump it when
+#: that changes, so that old caches are not reused.
+STAGE_FORMAT = 1
+#: Test images saved per run for the report's qualitative grid.
+QUALITATIVE_IMAGES = 6
 SWEEP_BINS = 100  # threshold grid resolution of the validation sweep (0.01)
 MAP_BATCH = 64  # images per localize() call
 
@@ -156,12 +161,18 @@ def derive_seed(base: int, dataset: str, method: str, repetition: int) -> int:
 
 
 def code_version(method_cls: type[Method]) -> str:
-    """Hash of the source that determines a method's outputs (its module, shared blocks, data)."""
+    """Hash of the source that determines a method's outputs, plus :data:`STAGE_FORMAT`.
+
+    Covered: the method's module, ``methods/common`` and ``methods/base.py``. Not covered, on
+    purpose: the runner, the evaluator, reports and the dataset loaders, so that editing them
+    does not throw away hours of cached training. The data a method sees is keyed separately
+    (dataset fingerprint, split hash, image size); a runner change that alters what a stage
+    stores must bump :data:`STAGE_FORMAT`.
+    """
     files = [Path(sys.modules[method_cls.__module__].__file__ or "")]
-    for folder in (REPO / "methods" / "common", REPO / "datasets"):
-        files.extend(sorted(folder.glob("*.py")))
-    files += [REPO / "methods" / "base.py", REPO / "benchmark" / "runner.py"]
-    h = hashlib.sha256()
+    files.extend(sorted((REPO / "methods" / "common").glob("*.py")))
+    files.append(REPO / "methods" / "base.py")
+    h = hashlib.sha256(f"stage-format-{STAGE_FORMAT}".encode())
     for f in files:
         if f.is_file():
             h.update(f.read_bytes())
@@ -537,22 +548,22 @@ class Runner:
         """The method, seed, base row, keys, folders and context of a run (computes nothing)."""
         cfg, b = self.cfg, self.bundle
         method = create_method(spec.method_spec, preset=cfg.preset)
-        seed = derive_seed(cfg.base_seed, cfg.dataset, method.identity(), spec.repetition)
+        # variants differing only in inference options share the seed and the fitted stages
+        seed = derive_seed(cfg.base_seed, cfg.dataset, method.fit_identity(), spec.repetition)
         base = self._base_row(method, spec, seed)
-        run_key = bcache.stable_hash(
-            {
-                "data": b.dataset.fingerprint(),
-                "split": b.split.sha256,
-                "size": b.size,
-                "method": method.cache_key(),
-                "seed": seed,
-                "code": code_version(type(method)),
-                "budget": cfg.budget_minutes,
-                "max_epochs": cfg.max_epochs,
-                "device": self.device.type,
-                "amp": cfg.amp,
-            }
-        )
+        key_parts = {
+            "data": b.dataset.fingerprint(),
+            "split": b.split.sha256,
+            "size": b.size,
+            "seed": seed,
+            "code": code_version(type(method)),
+            "budget": cfg.budget_minutes,
+            "max_epochs": cfg.max_epochs,
+            "device": self.device.type,
+            "amp": cfg.amp,
+        }
+        run_key = bcache.stable_hash({**key_parts, "method": method.cache_key()})
+        fit_key = bcache.stable_hash({**key_parts, "method": method.fit_cache_key()})
         run_dir = self.out / "runs" / method.name / run_key
         (run_dir / "work").mkdir(parents=True, exist_ok=True)
         seg_key = bcache.stable_hash(
@@ -572,7 +583,7 @@ class Runner:
             max_epochs=cfg.max_epochs,
             amp=cfg.amp,
             progress=sys.stderr.isatty(),
-            stage_dir=run_dir / "stages",
+            stage_dir=self.out / "stages" / method.name / fit_key,
             budget_s=None if cfg.budget_minutes is None else cfg.budget_minutes * 60.0,
             force=cfg.force,
         )
@@ -623,6 +634,33 @@ class Runner:
         write_rows(self.out, rows_key, rows)
         return rows
 
+    def _oom_reason(self, method: Method, ctx: RunContext, exc: BaseException) -> str:
+        """One line: where memory ran out, at which batch size, and the option to lower it."""
+        where = ctx.phase or "run"
+        if ctx.failed and where == "fit":
+            where = f"fit (stage {ctx.failed})"
+        if ctx.phase.startswith("segmenter"):
+            size = self.segmenter_config.batch_size
+            sizes = f"segmenter batch_size={size}"
+            hint = f"--segmenter-batch-size {max(1, size // 2)}"
+        else:
+            params = method.params()
+            fields = [k for k in sorted(params) if k.endswith("batch_size")]
+            sizes = ", ".join(f"{k}={params[k]}" for k in fields) or "no batch-size parameter"
+            infer = ctx.phase.startswith("maps")
+            pick = [k for k in fields if k.startswith("infer") == infer] or fields
+            hint = (
+                f"--methods '{method.name}[{pick[0]}={max(1, int(params[pick[0]]) // 2)}]'"
+                if pick
+                else "a smaller --image-size"
+            )
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return (
+            f"out of memory on {self.device} during {where} of {method.identity()} with "
+            f"{sizes}: lower it, e.g. {hint} (or --image-size); completed stages are kept "
+            f"and reused [{type(exc).__name__}: {detail}]"
+        )
+
     def fit_and_maps(
         self, method: Method, ctx: RunContext, run_dir: Path
     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
@@ -651,33 +689,6 @@ class Runner:
                 method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force
             )
         return maps, stage_costs
-
-    def _oom_reason(self, method: Method, ctx: RunContext, exc: BaseException) -> str:
-        """One line: where memory ran out, at which batch size, and the option to lower it."""
-        where = ctx.phase or "run"
-        if ctx.failed and where == "fit":
-            where = f"fit (stage {ctx.failed})"
-        if ctx.phase.startswith("segmenter"):
-            size = self.segmenter_config.batch_size
-            sizes = f"segmenter batch_size={size}"
-            hint = f"--segmenter-batch-size {max(1, size // 2)}"
-        else:
-            params = method.params()
-            fields = [k for k in sorted(params) if k.endswith("batch_size")]
-            sizes = ", ".join(f"{k}={params[k]}" for k in fields) or "no batch-size parameter"
-            infer = ctx.phase.startswith("maps")
-            pick = [k for k in fields if k.startswith("infer") == infer] or fields
-            hint = (
-                f"--methods '{method.name}[{pick[0]}={max(1, int(params[pick[0]]) // 2)}]'"
-                if pick
-                else "a smaller --image-size"
-            )
-        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        return (
-            f"out of memory on {self.device} during {where} of {method.identity()} with "
-            f"{sizes}: lower it, e.g. {hint} (or --image-size); completed stages are kept "
-            f"and reused [{type(exc).__name__}: {detail}]"
-        )
 
     def _execute(
         self, method: Method, ctx: RunContext, run_dir: Path, base: dict[str, Any], seg_key: str
@@ -835,16 +846,64 @@ class Runner:
         frame.insert(0, "method_id", base["method_id"])
         frame.insert(1, "seed", base["seed"])
         frame.insert(2, "run_key", base["run_key"])
+        frame.insert(3, "gt_ratio", float(cfg.gt_ratio))
         write_per_image(self.out, f"{method.name}-{base['run_key']}-{seg_key}", frame)
         if curve is not None:
             curve.insert(0, "method_id", base["method_id"])
             curve.insert(1, "seed", base["seed"])
-            curve_path = self.out / "results" / "curves" / f"{base['run_key']}.parquet"
-            curve_path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=curve_path.parent, delete=False) as tmp:
-                curve.to_parquet(tmp.name, index=False)
-            os.replace(tmp.name, curve_path)
+            curve.insert(2, "convention", cfg.convention)
+            curve.insert(3, "run_key", base["run_key"])
+            name = f"{base['run_key']}-{cfg.convention}.parquet"
+            _write_parquet(curve, self.out / "results" / "curves" / name)
+        self._save_qualitative(base, seg_key, maps["test"], preds, threshold)
         return rows
+
+    def _save_qualitative(
+        self,
+        base: dict[str, Any],
+        seg_key: str,
+        maps: np.ndarray,
+        preds: np.ndarray,
+        threshold: float,
+    ) -> None:
+        """Arrays of a few test images for the report's qualitative grid (pet convention).
+
+        The images are the same for every method (a permutation seeded by the split hash); see
+        :func:`reports.figures.load_qualitative` for the format.
+        """
+        b = self.bundle
+        test = b.index["test"]
+        if len(test) == 0:
+            return
+        seed = int(b.split.sha256[:8], 16)
+        pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:QUALITATIVE_IMAGES])
+        rows = test[pick]
+        pet_map = np.asarray(maps[pick, 0], dtype=np.float32)
+        if self.cfg.convention == "weaktr_refinery":
+            threshold = 1.0 - threshold  # maps are pet maps; the threshold was on 1 - pet
+        seg = np.asarray(preds[pick, 0], dtype=np.float32)
+        arrays = {
+            "method_id": np.array(base["method_id"]),
+            "names": np.array([b.cache.names[i] for i in rows]),
+            "image": np.asarray(b.cache.images)[rows],
+            "gt": np.asarray(b.cache.masks("pet"))[rows],
+            "map": pet_map.astype(np.float16),
+            "pseudo": (pet_map >= threshold).astype(np.uint8),
+            "prediction": (seg >= 0.5).astype(np.uint8),
+        }
+        path = self.out / "results" / "qualitative" / f"{base['run_key']}-{seg_key}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            np.savez_compressed(tmp, **arrays)
+        os.replace(tmp.name, path)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write a DataFrame atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".parquet", delete=False) as tmp:
+        frame.to_parquet(tmp.name, index=False)
+    os.replace(tmp.name, path)
 
 
 def _convert_threshold(threshold: float, source: str, target: str) -> float:

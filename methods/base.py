@@ -164,6 +164,10 @@ class Method:
     uses_masks: ClassVar[bool] = False
     kind: ClassVar[str] = "method"
     fixed_threshold: ClassVar[float | None] = None
+    #: Config fields read only by localize/refine, never by fit: variants that differ only in
+    #: them (``ccam_ecs[crf=true]``, ``weaktr_refinery[map=decoder]``) share the fitted
+    #: stages and the training seed, so they are compared on the very same trained model.
+    inference_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any | None = None, preset: str = "paper") -> None:
         self.preset = preset
@@ -202,6 +206,23 @@ class Method:
     def cache_key(self) -> str:
         """A stable JSON string of everything that determines this method's outputs."""
         return json.dumps({"name": self.name, "params": self.params()}, sort_keys=True, default=str)
+
+    def fit_identity(self) -> str:
+        """:meth:`identity` without :attr:`inference_fields`: names the fitted model."""
+        fit_only = dataclasses.replace(
+            self.config,
+            **{
+                k: getattr(self.make_config(self.preset), k)
+                for k in self.inference_fields
+                if hasattr(self.config, k)
+            },
+        )
+        return type(self)(fit_only, self.preset).identity()
+
+    def fit_cache_key(self) -> str:
+        """:meth:`cache_key` without :attr:`inference_fields` (keys the fitted stages)."""
+        params = {k: v for k, v in self.params().items() if k not in self.inference_fields}
+        return json.dumps({"name": self.name, "params": params}, sort_keys=True, default=str)
 
     # ---- the three calls -------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:

@@ -94,6 +94,7 @@ class CAM(Method):
     """Class activation maps of a ResNet + GAP + linear classifier."""
 
     name = "cam"
+    inference_fields = frozenset({"tta", "tta_scales", "infer_batch_size"})
     Config = Config
     presets = {
         "paper": {},

@@ -362,6 +362,9 @@ class CAMAffinityNet(Method):
     """CAM seeds refined by a random walk on AffinityNet's learned semantic affinities."""
 
     name = "cam_affinitynet"
+    inference_fields = frozenset(
+        {"beta", "walk_steps", "bg_alpha", "output", "walk_mode", "infer_batch_size"}
+    )
     Config = Config
     presets = {
         "paper": {},

@@ -413,6 +413,7 @@ class CCAMECS(Method):
     """CCAM (contrastive class-agnostic map) with optional Erased CAM Supervision."""
 
     name = "ccam_ecs"
+    inference_fields = frozenset({"crf", "crf_threshold", "infer_batch_size"})
     Config = Config
     presets = {
         "paper": {},

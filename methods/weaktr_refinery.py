@@ -342,6 +342,7 @@ class WeakTRRefinery(Method):
     """ViT + FineCAM + gradient-clipping CNN decoder (johnamit/weaktr-refinery)."""
 
     name: ClassVar[str] = "weaktr_refinery"
+    inference_fields: ClassVar[frozenset[str]] = frozenset({"map", "infer_batch_size"})
     Config: ClassVar[type] = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},

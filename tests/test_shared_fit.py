@@ -1,0 +1,52 @@
+"""Variants that differ only in inference options share the fitted model (and its seed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.config import RunConfig
+from benchmark.runner import Runner
+from methods import create_method, list_methods
+
+
+@pytest.mark.parametrize(
+    ("spec", "variant", "trained_field"),
+    [
+        ("cam", "cam[tta=true]", "epochs"),
+        ("ccam_ecs", "ccam_ecs[crf=true]", "epochs"),
+        ("weaktr_refinery", "weaktr_refinery[map=decoder]", "epochs"),
+        ("cam_affinitynet", "cam_affinitynet[beta=4]", "aff_epochs"),
+    ],
+)
+def test_inference_only_options_keep_the_fit_identity(spec, variant, trained_field):
+    a, b = create_method(spec, preset="tiny"), create_method(variant, preset="tiny")
+    assert a.identity() != b.identity() and a.cache_key() != b.cache_key()
+    assert a.fit_identity() == b.fit_identity() == a.identity()
+    assert a.fit_cache_key() == b.fit_cache_key()
+    c = create_method(f"{spec}[{trained_field}=3]", preset="tiny")
+    assert c.fit_identity() != a.fit_identity() and c.fit_cache_key() != a.fit_cache_key()
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_inference_fields_are_config_fields(name):
+    method = create_method(name, preset="tiny")
+    assert set(method.inference_fields) <= set(method.params()), name
+
+
+def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
+    cfg = RunConfig(
+        methods=["cam", "cam[tta=true]"],
+        preset="tiny",
+        out=str(tmp_path),
+        device="cpu",
+        segmenter_epochs=1,
+        report=False,
+    ).validate()
+    rows = Runner(cfg).run_all()
+    cost = rows[(rows["aggregation"] == "cost") & (rows["stage"] == "fit:classifier")]
+    variant = create_method("cam[tta=true]", preset="tiny").identity()
+    reused = cost.groupby("method_id")["reused"].all()
+    assert not reused["cam"] and reused[variant]
+    seeds = rows.groupby("method_id")["seed"].first()
+    assert seeds["cam"] == seeds[variant]
+    assert set(rows["status"]) == {"done"}
