@@ -252,7 +252,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             cfg, args.trials, args.n_bins, args.storage, args.study, args.sampler_seed
         )
         cols = ["method_id", "repetition", "threshold", "val_iou", "test_iou"]
-        cols += ["exhaustive_threshold", "match", "trials", "search_s", "persist_s"]
+        cols += ["exhaustive_threshold", "iou_gap", "match", "trials", "search_s", "persist_s"]
         if "error" in summary:
             cols.append("error")
         table = summary.reindex(columns=cols)
