@@ -207,6 +207,11 @@ def _check_grid(out: Path, study_name: str, n_points: int) -> pd.DataFrame:
     owners = csv[(csv["state"] == "COMPLETE") & ~csv["duplicate"]]
     assert len(owners) == n_points and owners["params_gt_ratio"].nunique() == n_points
     assert set(quality["trial"]) == set(owners["number"])
+    print(  # shown with -s: the numbers behind "no lost and no duplicated rows"
+        f"{study_name}: {len(csv)} trials ({int(csv['duplicate'].sum())} duplicates detected), "
+        f"{len(quality)} quality rows = {n_points} points x {per_point.iloc[0]}, "
+        f"{quality['trial'].nunique()} writing trials"
+    )
     return rows
 
 
