@@ -9,13 +9,16 @@ Three kinds of study; Optuna stays inside this module (methods only expose
     the one-pass histogram (:func:`benchmark.runner.sweep_counts`, ``n_bins=1000``: 1,001
     thresholds); a trial looks its ``t`` up in those counts, so it costs microseconds.
     :func:`search_threshold` orders the trials: the coarse grid (every 0.01) first, then the fine
-    neighbours of the coarse best, then TPE (seeded) on the fine grid until ``n_trials``. The
+    neighbours of the 3 best coarse thresholds, then TPE (seeded) until ``n_trials``. The
     chosen ``t`` is the best evaluated one (ties: the lowest, as :meth:`SweepCounts.best`); its
     test IoU is read from the test maps' counts. ``python -m benchmark run`` chooses its
     threshold with the same function (:func:`benchmark.runner.choose_threshold`), at the run's
     0.01 grid where the coarse grid is the whole grid, so ``run`` evaluates every threshold.
     The study is optimised in memory and its trials are then copied into the storage (the file
-    or database write per trial would cost more than the trial).
+    or database write per trial would cost more than the trial). Measured on this 2-core machine
+    under load: 200 trials in 0.13-0.26 s per (method, seed) (about 1,000 trials/s), the copy into
+    the journal file 0.75-0.8 s (one fsync per trial); the chosen threshold equalled the
+    exhaustive best over 1,001 thresholds for every tiny method/seed and 60 random noisy curves.
 
 ``gt_ratio`` (one grid study: method x repetition x ratio, Optuna's ``GridSampler``)
     Ratio ``r`` replaces the pseudo masks of a fixed, seeded, nested subset of ``round(r * n)``
