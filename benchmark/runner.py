@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -892,18 +892,20 @@ class Runner:
             "prediction": (seg >= 0.5).astype(np.uint8),
         }
         path = self.out / "results" / "qualitative" / f"{base['run_key']}-{seg_key}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-            np.savez_compressed(tmp, **arrays)
-        os.replace(tmp.name, path)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        bcache.atomic_write_bytes(path, buf.getvalue())  # a partial file never ends in .npz
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write a DataFrame atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".parquet", delete=False) as tmp:
-        frame.to_parquet(tmp.name, index=False)
-    os.replace(tmp.name, path)
+    """Write a DataFrame atomically (hidden ``.tmp`` file in the same folder, then rename).
+
+    The temporary file never ends in ``.parquet``, so readers that glob ``*.parquet`` cannot
+    meet a half-written file, even after a crash.
+    """
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    bcache.atomic_write_bytes(path, buf.getvalue())
 
 
 def _convert_threshold(threshold: float, source: str, target: str) -> float:

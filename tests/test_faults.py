@@ -14,6 +14,8 @@ start-up, which costs more than a tiny run); ``tests/test_runner.py`` also kills
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import multiprocessing as mp
 import os
@@ -125,6 +127,15 @@ def _assert_cache_sound(out: Path) -> None:
         assert bcache.read_marker(path) is not None, f"{path} is not marked complete"
     for folder in ("runs", "stages"):
         assert not list((out / folder).rglob(".*.tmp")), "a temporary file was left behind"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stable_code_version():
+    """Run keys hash the source files as they are on disk; pin them so that an edit of the code
+    base while this module runs (other sessions work in the same tree) cannot change them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("benchmark.runner.code_version", lambda method_cls: "pinned-by-test")
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -380,3 +391,28 @@ def test_fault_spec_is_checked():
     assert faults.parse("kill@step:segmenter-*#3") == ("kill", "step", "segmenter-*", 3)
     with pytest.raises(ValueError, match="ACTION@POINT"):
         faults.parse("explode@step")
+
+
+def test_failed_result_write_leaves_no_partial_file_under_a_readable_name(tmp_path, monkeypatch):
+    """Curves (and the qualitative arrays) are globbed by the reports: no half file may match."""
+    from benchmark import runner
+
+    real = pd.DataFrame.to_parquet
+
+    def half_then_disk_full(self, target, *args, **kwargs):
+        buf = io.BytesIO()
+        real(self, buf, *args, **kwargs)
+        data = buf.getvalue()[: len(buf.getvalue()) // 2]
+        if hasattr(target, "write"):
+            target.write(data)
+        else:
+            Path(target).write_bytes(data)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_disk_full)
+    curves = tmp_path / "results" / "curves"
+    with pytest.raises(OSError):
+        runner._write_parquet(
+            pd.DataFrame({"threshold": [0.5], "iou": [0.7]}), curves / "k.parquet"
+        )
+    assert not list(curves.glob("*.parquet")), "a half-written curve file can be read"
