@@ -9,9 +9,18 @@ measurements of this machine (CPU model and torch threads are printed with them)
 hard-coded numbers; no test asserts on them.
 
 An entry function takes ``smoke`` (tiny sizes, for tests) and returns a dict with at least
-``ours_s``, ``baseline_s``, ``target`` (minimum ratio we aim for) and ``note``; the harness adds
-``ratio``, ``met`` and ``status``. An entry whose dependencies are missing raises
-:class:`Unavailable` and is reported as ``unavailable: <reason>`` instead of failing the command.
+``ours_s``, ``baseline_s``, ``target`` (minimum ratio we aim for, or None) and ``note``; the
+harness adds ``ratio``, ``met`` and ``status``. An entry may also return:
+
+- ``comparisons``: further baselines timed against the same ``ours_s``, each
+  ``{"baseline": name, "baseline_s": seconds, "target": ratio or None}``; the harness adds
+  their ``ratio`` and ``met``, and the table shows them as ``vs <name>`` rows;
+- ``checks``: non-timing targets (a crossover, a memory ratio), each
+  ``{"what": text, "value": text, "target": text, "met": bool or None}``, shown as rows too.
+
+An entry whose dependencies are missing raises :class:`Unavailable` and is reported as
+``unavailable: <reason>`` instead of failing the command. The entries beyond the evaluator's
+live in :mod:`benchmark.perf_entries` (imported at the end of this module).
 """
 
 from __future__ import annotations
@@ -303,6 +312,8 @@ def _run_entry(name: str, fn: EntryFn, smoke: bool) -> dict[str, Any]:
         "met": None,
         "throughput": "",
         "note": "",
+        "comparisons": [],
+        "checks": [],
     }
     try:
         result = fn(smoke)
@@ -316,10 +327,23 @@ def _run_entry(name: str, fn: EntryFn, smoke: bool) -> dict[str, Any]:
         return row
     row.update(result)
     ours_s, base_s = float(row["ours_s"]), float(row["baseline_s"])
-    row["ratio"] = base_s / ours_s if ours_s > 0 else math.inf
+    row["ratio"] = _ratio(base_s, ours_s)
     if row["target"] is not None:
         row["met"] = bool(row["ratio"] >= float(row["target"]))
+    comparisons = []
+    for comp in row.get("comparisons") or []:
+        comp = dict(comp)
+        comp["ratio"] = _ratio(float(comp["baseline_s"]), float(comp.get("ours_s", ours_s)))
+        target = comp.get("target")
+        comp["met"] = None if target is None else bool(comp["ratio"] >= float(target))
+        comparisons.append(comp)
+    row["comparisons"] = comparisons
+    row["checks"] = [dict(c) for c in row.get("checks") or []]
     return row
+
+
+def _ratio(baseline_s: float, ours_s: float) -> float:
+    return baseline_s / ours_s if ours_s > 0 else math.inf
 
 
 def run_perf(smoke: bool = False, only: list[str] | None = None) -> dict[str, Any]:
@@ -361,6 +385,10 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
+def _fmt_met(met: bool | None) -> str:
+    return "-" if met is None else ("yes" if met else "NO")
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Render :func:`run_perf`'s result as a plain-text table with a device line.
 
@@ -383,14 +411,38 @@ def format_table(result: dict[str, Any]) -> str:
                 e["name"],
                 _fmt_time(e["ours_s"]),
                 _fmt_time(e["baseline_s"]),
-                f"{e['ratio']:.1f}x",
+                f"{e['ratio']:.2f}x",
                 "-" if e["target"] is None else f">= {e['target']:g}x",
-                "-" if e["met"] is None else ("yes" if e["met"] else "NO"),
+                _fmt_met(e["met"]),
                 e["throughput"],
             )
         )
         notes.append(f"  {e['name']}: {e['note']}")
-    ok_rows = [r for r, e in zip(rows, result["entries"]) if e["status"] == "ok"]
+        for comp in e.get("comparisons", []):
+            rows.append(
+                (
+                    f"  vs {comp['baseline']}",
+                    _fmt_time(comp.get("ours_s", e["ours_s"])),
+                    _fmt_time(comp["baseline_s"]),
+                    f"{comp['ratio']:.2f}x",
+                    "-" if comp.get("target") is None else f">= {comp['target']:g}x",
+                    _fmt_met(comp.get("met")),
+                    comp.get("throughput", ""),
+                )
+            )
+        for check in e.get("checks", []):
+            rows.append(
+                (
+                    f"  check: {check['what']}",
+                    "",
+                    "",
+                    str(check["value"]),
+                    str(check.get("target") or "-"),
+                    _fmt_met(check.get("met")),
+                    "",
+                )
+            )
+    ok_rows = [r for r in rows if r[1] != "-" or r[2] != "-"]
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header) - 1)]
     widths.append(max(len(str(r[-1])) for r in (header, *ok_rows)))  # statuses may overflow
     lines = [
@@ -439,5 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(e["status"].startswith("error") for e in result["entries"]) else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+# The entries beyond the evaluator's (CAM, FineCAM, CRF, random walk, scale) register themselves.
+from benchmark import perf_entries  # noqa: E402,F401
+
+if __name__ == "__main__":  # ``python -m benchmark.perf``: use the registry the entries fill
+    from benchmark.perf import main as _main
+
+    raise SystemExit(_main())

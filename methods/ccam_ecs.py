@@ -96,7 +96,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.cam import cam_from_features, normalize_cams, tta_maps
-from methods.common.crf import dense_crf
+from methods.common.crf import dense_crf_many
 from methods.common.data import (
     apply_hflip,
     autocast,
@@ -626,15 +626,21 @@ class CCAMECS(Method):
 
 
 def crf_refine(
-    images: np.ndarray, maps: np.ndarray, threshold: float, gt_prob: float = 0.7
+    images: np.ndarray,
+    maps: np.ndarray,
+    threshold: float,
+    gt_prob: float = 0.7,
+    workers: int | None = None,
 ) -> np.ndarray:
-    """Dense CRF foreground probability of binarised cues.
+    """Dense CRF foreground probability of binarised cues, images in parallel processes.
 
     Args:
         images: (N, H, W, 3) uint8 images (the originals, never normalised).
         maps: (N, 1, H, W) cues in [0, 1].
         threshold: foreground where ``map > threshold``.
         gt_prob: confidence of the binarised label in the unary.
+        workers: processes for :func:`~methods.common.crf.dense_crf_many` (default: all
+            cores this process may use; 1 runs serially).
 
     Returns:
         (N, 1, H, W) float32 foreground marginals of the CRF.
@@ -643,11 +649,10 @@ def crf_refine(
         raise ValueError(
             f"crf_refine: maps {maps.shape} do not match images {images.shape} as (N, 1, H, W)"
         )
+    p_fg = np.where(maps[:, 0] > threshold, gt_prob, 1.0 - gt_prob).astype(np.float32)
+    probs = np.stack([1.0 - p_fg, p_fg], axis=1)  # (N, 2, H, W): background, foreground
+    q = dense_crf_many(images, probs, workers=workers)  # N x (2, H, W), across processes
     out = np.empty(maps.shape, dtype=np.float32)
-    for i in range(maps.shape[0]):
-        fg = maps[i, 0] > threshold  # (H, W) bool
-        p_fg = np.where(fg, gt_prob, 1.0 - gt_prob).astype(np.float32)
-        probs = np.stack([1.0 - p_fg, p_fg])  # (2, H, W): background, foreground
-        q = dense_crf(np.ascontiguousarray(images[i]), probs)  # (2, H, W)
-        out[i, 0] = np.clip(q[1], 0.0, 1.0)
+    for i, qi in enumerate(q):
+        out[i, 0] = np.clip(qi[1], 0.0, 1.0)
     return out

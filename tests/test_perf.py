@@ -31,8 +31,13 @@ def test_perf_smoke_json_reports_every_entry(capsys):
             continue
         assert e["ours_s"] > 0 and e["baseline_s"] > 0
         assert e["ratio"] == pytest.approx(e["baseline_s"] / e["ours_s"])
-        assert e["met"] is (e["ratio"] >= e["target"])
+        assert e["met"] is (None if e["target"] is None else e["ratio"] >= e["target"])
         assert e["note"] and e["throughput"]
+        for comp in e["comparisons"]:
+            assert comp["ratio"] == pytest.approx(comp["baseline_s"] / e["ours_s"])
+            assert comp["met"] is (comp["ratio"] >= comp["target"])
+        for check in e["checks"]:
+            assert check["what"] and check["value"] and check["met"] in (True, False, None)
 
 
 def test_perf_table_prints_device_and_ratio(capsys):
@@ -67,3 +72,79 @@ def test_unavailable_and_failing_entries_are_reported(monkeypatch, capsys):
     assert perf.main(["--smoke", "--only", "missing"]) == 0
     assert perf.main(["--smoke", "--only", "broken"]) == 1
     assert "error: RuntimeError: boom" in capsys.readouterr().out
+
+
+NEW_ENTRIES = {
+    # name -> keys its row must carry besides the common ones
+    "cam_extraction": {"max_abs_diff"},
+    "finecam": {"max_abs_diff"},
+    "dense_crf": {"workers"},
+    "random_walk": {"grids", "crossover_side"},
+    "scale": {"wall_ratio", "peak_mem_ratio", "runs"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_ENTRIES))
+def test_new_entries_run_in_smoke_mode(name):
+    result = perf.run_perf(smoke=True, only=[name])
+    (row,) = result["entries"]
+    if name == "cam_extraction" and row["status"].startswith("unavailable"):
+        assert "install wsss-bench[bench]" in row["status"]
+        pytest.importorskip("torchcam")  # only acceptable without the bench extras
+        pytest.importorskip("pytorch_grad_cam")
+    assert row["status"] == "ok", row["status"]
+    assert NEW_ENTRIES[name] <= set(row), sorted(row)
+    assert row["ours_s"] > 0 and row["baseline_s"] > 0 and row["target"] is not None
+    assert row["ratio"] == pytest.approx(row["baseline_s"] / row["ours_s"])
+    if name == "cam_extraction":
+        assert {c["baseline"] for c in row["comparisons"]} == {"torchcam CAM", "GradCAM"}
+        assert max(row["max_abs_diff"].values()) < 1e-5
+    if name == "finecam":
+        assert row["max_abs_diff"] < 1e-4
+    if name == "random_walk":
+        sides = [g["side"] for g in row["grids"]]
+        assert len(sides) >= 2 and sides == sorted(sides)
+        for g in row["grids"]:
+            assert g["auto"] in ("dense", "sparse") and g["dense_s"] > 0 and g["sparse_s"] > 0
+    if name == "scale":
+        small, large = row["runs"]
+        assert large["n"] == 4 * small["n"]
+        assert small["peak_mb"] > 0 and large["peak_mb"] > 0
+        assert row["peak_mem_ratio"] == pytest.approx(large["peak_mb"] / small["peak_mb"])
+
+
+def test_comparison_and_check_rows_in_table(monkeypatch, capsys):
+    def entry(smoke):
+        return {
+            "ours_s": 1.0,
+            "baseline_s": 2.0,
+            "target": 1.5,
+            "note": "n",
+            "throughput": "t",
+            "comparisons": [{"baseline": "other lib", "baseline_s": 0.5, "target": 1.0}],
+            "checks": [{"what": "memory", "value": "1.1x", "target": "<= 1.2x", "met": True}],
+        }
+
+    monkeypatch.setitem(perf.PERF_ENTRIES, "fake", entry)
+    result = perf.run_perf(smoke=True, only=["fake"])
+    (row,) = result["entries"]
+    assert row["met"] is True
+    assert row["comparisons"][0]["ratio"] == pytest.approx(0.5)
+    assert row["comparisons"][0]["met"] is False
+    out = perf.format_table(result)
+    assert "vs other lib" in out and "0.50x" in out and "check: memory" in out
+
+
+def test_auto_walk_mode_follows_the_limits(monkeypatch):
+    import torch
+
+    from methods.common import random_walk as rw
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cpu"]) == "dense"
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cpu"] + 1) == "sparse"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES_MULTITHREAD_CPU) == "dense"
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES_MULTITHREAD_CPU + 1) == "sparse"
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cuda"], "cuda") == "dense"
+    assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cuda"] + 1, "cuda") == "sparse"

@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 #: 30 ms, 24x24 dense 300 ms / sparse 62 ms, 32x32 dense 1.7 s / sparse 0.11 s. The CUDA limit
 #: is an estimate (P^3 log t flops are cheap on a GPU), not a measurement.
 DENSE_MAX_NODES = {"cpu": 256, "cuda": 1600}
+#: The CPU limit when torch uses more than one intra-op thread: the dense ``bmm`` scales with
+#: threads while the sparse products (CSR x 2 columns) get slower (thread synchronisation
+#: per product). ``python -m benchmark perf --only random_walk`` on 2 threads (a loaded
+#: 2-core machine): 20x20 dense 242 ms / sparse 252 ms, 24x24 dense 626 ms / sparse 1.10 s,
+#: 32x32 dense 3.7 s / sparse 1.29 s, so the crossover lies between 24x24 and 32x32. Not
+#: measured beyond 2 threads; kept at the 2-thread value there.
+DENSE_MAX_NODES_MULTITHREAD_CPU = 576
 
 
 def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:
@@ -216,6 +223,24 @@ def matrix_power(t: torch.Tensor, steps: int) -> torch.Tensor:
     return result
 
 
+def auto_walk_mode(num_nodes: int, device_type: str = "cpu") -> str:
+    """The mode ``random_walk(mode="auto")`` uses for a grid of ``num_nodes`` nodes.
+
+    Args:
+        num_nodes: ``h * w`` of the walk's grid.
+        device_type: ``cpu`` or ``cuda`` (others use the CPU rule).
+
+    Returns:
+        ``dense`` up to :data:`DENSE_MAX_NODES` nodes for the device type (on a CPU with more
+        than one torch thread, :data:`DENSE_MAX_NODES_MULTITHREAD_CPU`), else ``sparse``.
+    """
+    limit = DENSE_MAX_NODES.get(device_type, DENSE_MAX_NODES["cpu"])
+    if device_type not in DENSE_MAX_NODES or device_type == "cpu":
+        if torch.get_num_threads() > 1:
+            limit = DENSE_MAX_NODES_MULTITHREAD_CPU
+    return "dense" if num_nodes <= limit else "sparse"
+
+
 def random_walk(
     maps: torch.Tensor,
     affinity: torch.Tensor,
@@ -247,8 +272,7 @@ def random_walk(
     if affinity.shape[0] != n:
         raise ValueError(f"affinity has {affinity.shape[0]} images, maps have {n}")
     if mode == "auto":
-        limit = DENSE_MAX_NODES.get(maps.device.type, DENSE_MAX_NODES["cpu"])
-        mode = "dense" if h * w <= limit else "sparse"
+        mode = auto_walk_mode(h * w, maps.device.type)
     x = maps.float().reshape(n, c, h * w)
     with torch.autocast(maps.device.type, enabled=False):
         if mode == "dense":
