@@ -26,7 +26,7 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,6 +115,15 @@ class Context:
     def epochs(self, wanted: int) -> int:
         """The number of epochs a stage may run: ``wanted`` capped by the budget's epoch cap."""
         return wanted if self.max_epochs is None else min(wanted, self.max_epochs)
+
+    def epoch_range(self, wanted: int, desc: str) -> Iterable[int]:
+        """``range(self.epochs(wanted))``, shown as a progress bar when :attr:`progress` is on."""
+        epochs = range(self.epochs(wanted))
+        if not self.progress:
+            return epochs
+        from tqdm.auto import tqdm
+
+        return tqdm(epochs, desc=desc, unit="epoch", leave=False)
 
     def stage(
         self, name: str, compute: Callable[[], dict[str, torch.Tensor]]

@@ -136,7 +136,7 @@ class CAM(Method):
         labels = np.array(train.labels, dtype=np.int64)  # a writable copy
         n, bs = len(train), cfg.batch_size
         steps = 0
-        for epoch in range(ctx.epochs(cfg.epochs)):
+        for epoch in ctx.epoch_range(cfg.epochs, "cam classifier"):
             total = 0.0
             for idx in minibatches(n, bs, gen, shuffle=True, drop_last=n > bs):
                 if not ctx.should_continue():

@@ -531,7 +531,7 @@ class CAMAffinityNet(Method):
         epochs = ctx.epochs(cfg.aff_epochs)
         max_step = epochs * (n // bs if drop_last else -(-n // bs))
         step = 0
-        for epoch in range(epochs):
+        for epoch in ctx.epoch_range(cfg.aff_epochs, "affinity net"):
             total, count = 0.0, 0
             for idx in minibatches(n, bs, gen, shuffle=True, drop_last=drop_last):
                 if not ctx.should_continue():

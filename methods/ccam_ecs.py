@@ -492,7 +492,7 @@ class CCAMECS(Method):
         labels_all = torch.tensor(np.asarray(train.labels), dtype=torch.long)  # a copy
         inverted: bool | None = None
         stopped = False
-        for epoch in range(epochs):
+        for epoch in ctx.epoch_range(cfg.epochs, "ccam"):
             model.train()
             sums: dict[str, float] = {}
             steps = 0

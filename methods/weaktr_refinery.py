@@ -439,7 +439,7 @@ class WeakTRRefinery(Method):
         labels = np.asarray(train.labels, dtype=np.int64)
         model.train()
         stop = False
-        for epoch in range(ctx.epochs(cfg.epochs)):
+        for epoch in ctx.epoch_range(cfg.epochs, "weaktr classifier"):
             total, steps = 0.0, 0
             for idx in minibatches(len(train), cfg.batch_size, generator, shuffle=True):
                 if not ctx.should_continue():
@@ -475,7 +475,7 @@ class WeakTRRefinery(Method):
         tau = 1.0 if cfg.faithful else cfg.clip_tau
         decoder.train()
         stop = False
-        for epoch in range(ctx.epochs(cfg.decoder_epochs)):
+        for epoch in ctx.epoch_range(cfg.decoder_epochs, "weaktr decoder"):
             total, steps = 0.0, 0
             for idx in minibatches(len(train), cfg.decoder_batch_size, generator, shuffle=True):
                 if not ctx.should_continue():

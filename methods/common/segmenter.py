@@ -173,7 +173,7 @@ def train_segmenter(
     gen = ctx.generator(offset=7001)
     n, bs = len(images), config.batch_size
     steps, stopped = 0, False
-    for epoch in range(ctx.epochs(config.epochs)):
+    for epoch in ctx.epoch_range(config.epochs, "segmenter"):
         for idx in minibatches(n, bs, gen, shuffle=True, drop_last=n > bs):
             if not ctx.should_continue():
                 stopped = True
