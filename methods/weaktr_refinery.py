@@ -70,6 +70,7 @@ Deviations from the original (defaults; ``faithful=True`` restores the first fiv
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -435,29 +436,62 @@ class WeakTRRefinery(Method):
         with seeded(ctx.seed):
             model = self._new_vit(train.num_classes, pretrained=cfg.pretrained).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        generator = ctx.generator(1)
-        labels = np.asarray(train.labels, dtype=np.int64)
         model.train()
-        stop = False
-        for epoch in ctx.epoch_range(cfg.epochs, "weaktr classifier"):
-            total, steps = 0.0, 0
-            for idx in minibatches(len(train), cfg.batch_size, generator, shuffle=True):
+
+        def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with autocast(device, ctx.amp):
+                return F.cross_entropy(model(x), y)
+
+        self._train_epochs(
+            train,
+            ctx,
+            optimizer,
+            step_loss,
+            cfg.epochs,
+            cfg.batch_size,
+            1,
+            "weaktr classifier",
+            "loss",
+        )
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def _train_epochs(
+        self,
+        train: ImageSet,
+        ctx: Context,
+        optimizer: torch.optim.Optimizer,
+        step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        epochs: int,
+        batch_size: int,
+        stream: int,
+        desc: str,
+        what: str,
+    ) -> None:
+        """The loop both stages share: shuffled minibatches and one step each.
+
+        Minibatches come from generator ``stream``; the budget is checked before every step and
+        one log line is written per epoch.
+        """
+        device = torch.device(ctx.device)
+        generator = ctx.generator(stream)
+        labels = np.asarray(train.labels, dtype=np.int64)
+        for epoch in ctx.epoch_range(epochs, desc):
+            total, steps, stop = 0.0, 0, False
+            for idx in minibatches(len(train), batch_size, generator, shuffle=True):
                 if not ctx.should_continue():
                     stop = True
                     break
                 x = self._images(train.images[idx], device)
                 y = torch.from_numpy(labels[idx]).to(device)
-                with autocast(device, ctx.amp):
-                    loss = F.cross_entropy(model(x), y)
+                loss = step_loss(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total, steps = total + float(loss.detach()), steps + 1
-            logger.info("classifier epoch %d: loss %.4f", epoch + 1, total / max(steps, 1))
+            logger.info("%s epoch %d: %s %.4f", desc, epoch + 1, what, total / max(steps, 1))
             if stop:
-                logger.info("classifier stopped by the budget in epoch %d", epoch + 1)
+                logger.info("%s stopped by the budget in epoch %d", desc, epoch + 1)
                 break
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def _new_decoder(self) -> RefineryDecoder:
         in_dim = int(self.vit.embed_dim)
@@ -469,35 +503,30 @@ class WeakTRRefinery(Method):
         with seeded(ctx.seed + 1):
             decoder = self._new_decoder().to(device)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
-        generator = ctx.generator(2)
-        labels = np.asarray(train.labels, dtype=np.int64)
         window = clip_window_size(cfg.img_size, cfg.clip_window)
         tau = 1.0 if cfg.faithful else cfg.clip_tau
         decoder.train()
-        stop = False
-        for epoch in ctx.epoch_range(cfg.decoder_epochs, "weaktr decoder"):
-            total, steps = 0.0, 0
-            for idx in minibatches(len(train), cfg.decoder_batch_size, generator, shuffle=True):
-                if not ctx.should_continue():
-                    stop = True
-                    break
-                x = self._images(train.images[idx], device)
-                y = torch.from_numpy(labels[idx]).to(device)
-                with torch.no_grad():
-                    out = vit_forward_with_attention(self.vit, x)
-                    target = self._finecam(out, y)  # (N, 1, S, S)
-                with autocast(device, ctx.amp):
-                    logits = decoder(out.token_map())
-                logits = resize(logits.float(), tuple(target.shape[-2:]))
-                loss = clipped_bce(logits, target, window, tau, top_left_only=cfg.faithful)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, steps = total + float(loss.detach()), steps + 1
-            logger.info("decoder epoch %d: clipped BCE %.4f", epoch + 1, total / max(steps, 1))
-            if stop:
-                logger.info("decoder stopped by the budget in epoch %d", epoch + 1)
-                break
+
+        def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                out = vit_forward_with_attention(self.vit, x)
+                target = self._finecam(out, y)  # (N, 1, S, S)
+            with autocast(device, ctx.amp):
+                logits = decoder(out.token_map())
+            logits = resize(logits.float(), tuple(target.shape[-2:]))
+            return clipped_bce(logits, target, window, tau, top_left_only=cfg.faithful)
+
+        self._train_epochs(
+            train,
+            ctx,
+            optimizer,
+            step_loss,
+            cfg.decoder_epochs,
+            cfg.decoder_batch_size,
+            2,
+            "weaktr decoder",
+            "clipped BCE",
+        )
         return {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
 
     # ---- maps -----------------------------------------------------------------------------
