@@ -7,9 +7,9 @@ image-level label can be read off the whole object. Here it cannot:
   legs and a tail, under a random pose (mirror, rotation, scale, position). Its colours and
   texture (solid, stripes, spots, mottled) come from a fur pool **shared by all classes**.
 - A **small class-specific mark** on the head (a shape + colour pair per class, about 8-14 % of
-  the pet's area, clipped to the pet) alone decides the class. A classifier therefore needs only the mark, and a
-  plain CAM lights up the mark and misses the body; methods that expand a seed to the whole
-  object (affinity, CCAM, decoders) have room to do better.
+  the pet's area, clipped to the pet) alone decides the class. A classifier therefore needs
+  only the mark, and a plain CAM lights up the mark and misses the body; methods that expand
+  a seed to the whole object (affinity, CCAM, decoders) have room to do better.
 - **Cluttered backgrounds** (smooth noise, stripes, gradients, random blobs) and
   **distractors**: blobs with the same fur textures as pets but no mark and no pet shape, so
   that "fur colour" does not equal "pet".
