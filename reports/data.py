@@ -81,14 +81,22 @@ def read_curves(out: Path) -> pd.DataFrame:
 
 
 def find_studies(out: Path) -> list[Path]:
-    """Optuna study files (SQLite, journal, or exported trials as CSV/parquet) under ``out``."""
+    """Optuna study files under ``out``: exported trials (CSV/parquet), else storages.
+
+    ``sweep`` writes both a storage (journal) and one CSV export per study; the exports are
+    preferred, so that each study is plotted once. A folder with no export falls back to its
+    storages (SQLite, journal).
+    """
     found: list[Path] = []
     for name in STUDY_DIRS:
         folder = Path(out) / name
         if folder.is_dir():
-            for pattern in ("*.db", "*.sqlite", "*.sqlite3", "*.log", "*.journal", "*.csv"):
+            exports = sorted(folder.rglob("*.csv")) + sorted(folder.rglob("*.parquet"))
+            if exports:
+                found.extend(exports)
+                continue
+            for pattern in ("*.db", "*.sqlite", "*.sqlite3", "*.log", "*.journal"):
                 found.extend(sorted(folder.rglob(pattern)))
-            found.extend(sorted(folder.rglob("*.parquet")))
     return found
 
 
