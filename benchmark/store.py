@@ -116,8 +116,9 @@ def now_iso() -> str:
 
 
 #: Columns that identify "the same experiment": a newer run with equal values (e.g. after a
-#: code change altered the run key) supersedes the older one. ``trial``/``study`` count too
-#: when present (sweeps).
+#: code change altered the run key) supersedes the older one. ``study``/``trial`` do not count:
+#: a sweep point equal to a plain run (e.g. gt_ratio 0 of a gt-ratio sweep) or a grid point
+#: evaluated twice by two workers is the same experiment, counted once.
 RUN_IDENTITY = (
     "method_id",
     "dataset",
@@ -131,8 +132,6 @@ RUN_IDENTITY = (
     "segmenter",
     "segmenter_epochs",
     "budget_minutes",
-    "trial",
-    "study",
 )
 
 
@@ -161,4 +160,24 @@ def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:
         logger.info(
             "ignoring %d superseded run(s) (a newer run of the same experiment exists)", dropped
         )
-    return rows[rows["run_key"].isin(keep)]
+    kept = rows[rows["run_key"].isin(keep)]
+    # the same run may be stored twice (a plain run and an equal sweep point share the run key):
+    # keep one copy of each value, the newest
+    what = [c for c in ("gt_ratio", *RESULT_COLUMNS) if c in kept.columns]
+    order = kept.assign(_date=kept["date"].astype(str)).sort_values("_date", kind="stable")
+    unique = order.drop_duplicates(["run_key", *what], keep="last").drop(columns="_date")
+    return unique.sort_index()
+
+
+#: Columns that locate one value within a run (besides ``run_key`` and ``gt_ratio``).
+RESULT_COLUMNS = ("stage", "split", "convention", "aggregation", "metric")
+
+
+def unique_per_image(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-image rows with one copy of each (run, gt_ratio, stage, split, convention, image)."""
+    keys = [
+        c
+        for c in ("run_key", "gt_ratio", "stage", "split", "convention", "name")
+        if c in frame.columns
+    ]
+    return frame.drop_duplicates(keys, keep="last") if keys else frame

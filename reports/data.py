@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.store import PER_IMAGE, ROWS, latest_runs, read_results
+from benchmark.store import PER_IMAGE, ROWS, latest_runs, read_results, unique_per_image
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load(out: str | Path) -> ReportData:
     if "run_key" in rows:  # values of superseded runs are dropped with their rows
         keys = set(rows["run_key"])
         if "run_key" in per_image:
-            per_image = per_image[per_image["run_key"].isin(keys)]
+            per_image = unique_per_image(per_image[per_image["run_key"].isin(keys)])
         if "run_key" in curves:
             curves = curves[curves["run_key"].isin(keys)]
     return ReportData(

@@ -95,7 +95,7 @@ def _legend_below(fig: Figure, ax: Any, n_items: int, title: str | None = None) 
             handles,
             labels,
             loc="outside lower center",
-            ncols=min(2, n_items),
+            ncols=_legend_cols(labels),
             frameon=False,
             title=title,
         )
@@ -108,8 +108,20 @@ def _ordered(method_ids: pd.Series, palette: Mapping[str, Any] | None) -> list[s
     return first + [m for m in present if m not in first]
 
 
-def _legend_height(n_items: int) -> float:
-    return 0.2 + 0.16 * math.ceil(n_items / 2)
+#: Labels longer than this go in one legend column (two would not fit a paper column).
+_LONG_LABEL = 22
+
+
+def _legend_cols(labels: Sequence[Any]) -> int:
+    """Two legend columns, or one when a label is too long for half a paper column."""
+    if not labels:
+        return 1
+    return 1 if max(len(str(label)) for label in labels) > _LONG_LABEL else min(2, len(labels))
+
+
+def _legend_height(labels: Sequence[Any]) -> float:
+    """Inches the legend below the axes needs for these labels."""
+    return 0.2 + 0.16 * math.ceil(len(labels) / _legend_cols(labels))
 
 
 # ---- bar chart of the main metric ----------------------------------------------------------------
@@ -147,7 +159,8 @@ def bar_with_ci(
         if {"low", "high"} <= set(table.columns):
             low = 100 * table["low"].to_numpy(dtype=float)
             high = 100 * table["high"].to_numpy(dtype=float)
-            err = np.vstack([values - low, high - values])
+            # clipped: when seeds disagree a lot, the mean over seeds can leave the pooled CI
+            err = np.maximum(np.vstack([values - low, high - values]), 0.0)
             ok = np.isfinite(err).all(axis=0)
             ax.errorbar(
                 values[ok], y[ok], xerr=err[:, ok], fmt="none", ecolor="0.1", capsize=2, lw=0.8
@@ -184,7 +197,7 @@ def threshold_curves(
     ids = _ordered(data["method_id"], palette)
     palette = palette or method_palette(ids)
     with paper_theme():
-        fig = new_figure(2.3 + _legend_height(len(ids)))
+        fig = new_figure(2.3 + _legend_height(ids))
         ax = fig.add_subplot()
         sns.lineplot(
             data=data,
@@ -233,7 +246,7 @@ def ratio_lines(
     ids = _ordered(data["method_id"], palette)
     palette = palette or method_palette(ids)
     with paper_theme():
-        fig = new_figure(2.3 + _legend_height(len(ids)))
+        fig = new_figure(2.3 + _legend_height(ids))
         ax = fig.add_subplot()
         sns.lineplot(
             data=data,
@@ -272,7 +285,7 @@ def cost_scatter(
     points = points[points["iou"].notna() & (points["wall_s"] > 0)]
     palette = palette or method_palette(list(points.index))
     with paper_theme():
-        fig = new_figure(2.3 + _legend_height(len(points)))
+        fig = new_figure(2.3 + _legend_height(list(points.index)))
         ax = fig.add_subplot()
         for method_id, row in points.iterrows():
             ax.scatter(

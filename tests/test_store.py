@@ -26,3 +26,17 @@ def test_latest_runs_keeps_different_gt_ratios_and_handles_missing_columns():
     both = pd.concat([rows, other], ignore_index=True)
     assert set(latest_runs(both)["run_key"]) == {"r0", "r1"}
     assert latest_runs(rows.drop(columns="date")).equals(rows.drop(columns="date"))
+
+
+def test_latest_runs_keeps_one_copy_of_a_run_stored_twice():
+    row = {"method_id": "cam", "seed": 1, "gt_ratio": 0.0, "run_key": "k", "metric": "iou"}
+    rows = pd.DataFrame(
+        [
+            {**row, "date": "2026-11-22T10:00:00", "value": 0.3},
+            {**row, "date": "2026-11-22T11:00:00", "value": 0.3, "study": "s", "trial": 4},
+            {**row, "gt_ratio": 0.5, "date": "2026-11-22T11:00:00", "value": 0.6, "trial": 5},
+        ]
+    )
+    kept = latest_runs(rows)
+    assert sorted(kept["gt_ratio"].tolist()) == [0.0, 0.5]
+    assert kept.loc[kept["gt_ratio"] == 0.0, "trial"].tolist() == [4]

@@ -37,13 +37,13 @@ logger = logging.getLogger(__name__)
 #: 30 ms, 24x24 dense 300 ms / sparse 62 ms, 32x32 dense 1.7 s / sparse 0.11 s. The CUDA limit
 #: is an estimate (P^3 log t flops are cheap on a GPU), not a measurement.
 DENSE_MAX_NODES = {"cpu": 256, "cuda": 1600}
-#: The CPU limit when torch uses more than one intra-op thread: the dense ``bmm`` scales with
-#: threads while the sparse products (CSR x 2 columns) get slower (thread synchronisation
-#: per product). ``python -m benchmark perf --only random_walk`` on 2 threads (a loaded
-#: 2-core machine): 20x20 dense 242 ms / sparse 252 ms, 24x24 dense 626 ms / sparse 1.10 s,
-#: 32x32 dense 3.7 s / sparse 1.29 s, so the crossover lies between 24x24 and 32x32. Not
-#: measured beyond 2 threads; kept at the 2-thread value there.
-DENSE_MAX_NODES_MULTITHREAD_CPU = 576
+#: The CPU limit when torch uses more than one intra-op thread. Measured with
+#: ``python -m benchmark perf --only random_walk`` on an idle 2-core machine, 2 threads, batch
+#: 8, t = 256: 16x16 dense 12 ms / sparse 14 ms, 20x20 dense 44 ms / sparse 23 ms, 24x24 dense
+#: 130 ms / sparse 33 ms, 32x32 dense 750 ms / sparse 66 ms: the crossover lies between 16x16
+#: and 20x20, as with one thread. (An earlier reading of 576 came from a machine loaded to ~6
+#: on 2 cores, where the sparse products suffered most.)
+DENSE_MAX_NODES_MULTITHREAD_CPU = 256
 
 
 def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:

@@ -118,15 +118,21 @@ def cls_attention(attn: nn.Module, x: torch.Tensor, num_prefix: int) -> torch.Te
                 "fused qkv projection are supported"
             )
     n, t, _ = x.shape
-    qkv = attn.qkv(x).reshape(n, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = qkv[0], qkv[1]  # (N, H, T, hd)
+    # Only the CLS query and the keys are needed: project with the q and k rows of the fused
+    # weight instead of the whole qkv (which would redo 3x the keys' work for every token).
+    inner = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :1], weight[:inner], None if bias is None else bias[:inner])
+    k = F.linear(x, weight[inner : 2 * inner], None if bias is None else bias[inner : 2 * inner])
+    q = q.reshape(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, 1, hd)
+    k = k.reshape(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, T, hd)
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
     if q_norm is not None:
         q = q_norm(q)
     if k_norm is not None:
         k = k_norm(k)
-    scores = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (N, H, 1, T)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (N, H, 1, T)
     return scores.softmax(dim=-1)[:, :, 0, num_prefix:]  # (N, H, P)
 
 
