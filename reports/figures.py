@@ -194,22 +194,8 @@ def threshold_curves(
         The written files.
     """
     data = curves.assign(value=100 * curves[metric])
-    ids = _ordered(data["method_id"], palette)
-    palette = palette or method_palette(ids)
     with paper_theme():
-        fig = new_figure(2.3 + _legend_height(ids))
-        ax = fig.add_subplot()
-        sns.lineplot(
-            data=data,
-            x="threshold",
-            y="value",
-            hue="method_id",
-            hue_order=ids,
-            palette={m: palette.get(m, "0.5") for m in ids},
-            errorbar="sd",
-            ax=ax,
-            lw=1.2,
-        )
+        fig, ax, ids, palette = _method_lines(data, "threshold", palette, lw=1.2)
         for method_id, t in (chosen or {}).items():
             if method_id not in ids or not np.isfinite(t):
                 continue
@@ -223,6 +209,32 @@ def threshold_curves(
         ax.set_xlim(0, 1)
         _legend_below(fig, ax, len(ids))
         return save_figure(fig, stem)
+
+
+def _method_lines(
+    data: pd.DataFrame, x: str, palette: Mapping[str, Any] | None, **style: Any
+) -> tuple[Figure, Any, list[str], Mapping[str, Any]]:
+    """A figure with one line per method (``value`` vs ``x``, +- sd over seeds), legend room.
+
+    Call inside :func:`paper_theme`. Returns the figure, its axes, the method ids in legend
+    order and the palette used.
+    """
+    ids = _ordered(data["method_id"], palette)
+    palette = palette or method_palette(ids)
+    fig = new_figure(2.3 + _legend_height(ids))
+    ax = fig.add_subplot()
+    sns.lineplot(
+        data=data,
+        x=x,
+        y="value",
+        hue="method_id",
+        hue_order=ids,
+        palette={m: palette.get(m, "0.5") for m in ids},
+        errorbar="sd",
+        ax=ax,
+        **style,
+    )
+    return fig, ax, ids, palette
 
 
 def ratio_lines(
@@ -243,23 +255,8 @@ def ratio_lines(
         The written files.
     """
     data = points.assign(value=100 * points["value"])
-    ids = _ordered(data["method_id"], palette)
-    palette = palette or method_palette(ids)
     with paper_theme():
-        fig = new_figure(2.3 + _legend_height(ids))
-        ax = fig.add_subplot()
-        sns.lineplot(
-            data=data,
-            x="gt_ratio",
-            y="value",
-            hue="method_id",
-            hue_order=ids,
-            palette={m: palette.get(m, "0.5") for m in ids},
-            errorbar="sd",
-            marker="o",
-            ms=4,
-            ax=ax,
-        )
+        fig, ax, ids, _ = _method_lines(data, "gt_ratio", palette, marker="o", ms=4)
         ax.set_xlabel("Share of train images with GT masks (gt_ratio)")
         ax.set_ylabel(f"Test {metric_label(metric)} (%)")
         _legend_below(fig, ax, len(ids))
