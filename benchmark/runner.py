@@ -41,7 +41,7 @@ from benchmark import faults
 from benchmark.accounting import measure
 from benchmark.config import ConfigError, RunConfig
 from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep
-from benchmark.store import now_iso, provenance, write_per_image, write_rows
+from benchmark.store import now_iso, provenance, write_curve, write_per_image, write_rows
 from methods import create_method, list_methods
 from methods.base import Context, ImageSet, Method, parse_spec, seed_everything
 from methods.common.segmenter import (
@@ -853,8 +853,7 @@ class Runner:
             curve.insert(1, "seed", base["seed"])
             curve.insert(2, "convention", cfg.convention)
             curve.insert(3, "run_key", base["run_key"])
-            name = f"{base['run_key']}-{cfg.convention}.parquet"
-            _write_parquet(curve, self.out / "results" / "curves" / name)
+            write_curve(self.out, f"{base['run_key']}-{cfg.convention}", curve)
         self._save_qualitative(base, seg_key, maps["test"], preds, threshold)
         return rows
 
@@ -895,17 +894,6 @@ class Runner:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         bcache.atomic_write_bytes(path, buf.getvalue())  # a partial file never ends in .npz
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write a DataFrame atomically (hidden ``.tmp`` file in the same folder, then rename).
-
-    The temporary file never ends in ``.parquet``, so readers that glob ``*.parquet`` cannot
-    meet a half-written file, even after a crash.
-    """
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    bcache.atomic_write_bytes(path, buf.getvalue())
 
 
 def _convert_threshold(threshold: float, source: str, target: str) -> float:

@@ -34,6 +34,13 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def write_curve(out: Path, name: str, frame: pd.DataFrame) -> Path:
+    """Write a validation IoU-vs-threshold curve to ``OUT/results/curves/<name>.parquet``."""
+    path = Path(out) / "results" / "curves" / f"{name}.parquet"
+    _write_parquet(path, frame)
+    return path
+
+
 def write_rows(out: Path, run_key: str, rows: list[dict[str, Any]]) -> Path:
     """Write one run's result rows (replacing an earlier write of the same run)."""
     path = Path(out) / "results" / ROWS / f"{run_key}.parquet"

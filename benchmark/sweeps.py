@@ -764,14 +764,18 @@ def resolve_duplicate(trial: Any, wait_s: float = DUPLICATE_WAIT_S) -> float | N
         time.sleep(0.5)
 
 
-class GtRatioObjective:
-    """Train the shared segmenter for one (method, repetition, gt_ratio) grid point."""
+class _Objective:
+    """What every trial objective holds: the sweep spec, its study and the run config."""
 
     def __init__(self, spec: SweepSpec, study_name: str, out: str | Path | None = None) -> None:
         self.spec = spec
         self.study_name = study_name
         self.cfg = spec.run_config(out)
         self.bundle: Any = None
+
+
+class GtRatioObjective(_Objective):
+    """Train the shared segmenter for one (method, repetition, gt_ratio) grid point."""
 
     def __call__(self, trial: Any) -> float:
         """Run the trial; returns the segmenter's test IoU (dataset level, run convention)."""
@@ -837,14 +841,8 @@ def _spec_value(value: Any) -> str:
     return str(value)
 
 
-class HparamsObjective:
+class HparamsObjective(_Objective):
     """Fit one configuration of a method; the value is its maps' validation IoU."""
-
-    def __init__(self, spec: SweepSpec, study_name: str, out: str | Path | None = None) -> None:
-        self.spec = spec
-        self.study_name = study_name
-        self.cfg = spec.run_config(out)
-        self.bundle: Any = None
 
     def __call__(self, trial: Any) -> float:
         """Fit, sweep the validation threshold, report (prune), then train the segmenter."""

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from benchmark import cache as bcache
-from benchmark import faults
+from benchmark import faults, store
 from benchmark.cli import main
 from benchmark.config import RunConfig
 from benchmark.runner import RunContext, Runner
@@ -395,7 +395,6 @@ def test_fault_spec_is_checked():
 
 def test_failed_result_write_leaves_no_partial_file_under_a_readable_name(tmp_path, monkeypatch):
     """Curves (and the qualitative arrays) are globbed by the reports: no half file may match."""
-    from benchmark import runner
 
     real = pd.DataFrame.to_parquet
 
@@ -412,7 +411,5 @@ def test_failed_result_write_leaves_no_partial_file_under_a_readable_name(tmp_pa
     monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_disk_full)
     curves = tmp_path / "results" / "curves"
     with pytest.raises(OSError):
-        runner._write_parquet(
-            pd.DataFrame({"threshold": [0.5], "iou": [0.7]}), curves / "k.parquet"
-        )
+        store.write_curve(tmp_path, "k", pd.DataFrame({"threshold": [0.5], "iou": [0.7]}))
     assert not list(curves.glob("*.parquet")), "a half-written curve file can be read"
