@@ -50,6 +50,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="working resolution (default: the preset's)")
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
     p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on CUDA")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="conv nets in channels_last memory format (default: on)",
+    )
     p.add_argument("--out", help="output folder (default runs/default)")
     p.add_argument("--force", action="store_true", default=None, help="recompute every stage")
     p.add_argument(

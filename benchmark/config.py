@@ -48,6 +48,7 @@ class RunConfig:
         image_size: working resolution (``None``: the preset's).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
         amp: bf16 autocast on CUDA.
+        channels_last: convolutional networks in channels_last memory format.
         out: the output folder (cache, results, report).
         force: recompute every stage, ignoring the cache.
         report: write the report folder at the end.
@@ -72,6 +73,7 @@ class RunConfig:
     image_size: int | None = None
     device: str = "auto"
     amp: bool = False
+    channels_last: bool = True
     out: str = "runs/default"
     force: bool = False
     report: bool = True
@@ -97,9 +99,12 @@ class RunConfig:
             _text(name, getattr(self, name))
         if self.data_root is not None:
             _text("data-root", self.data_root)
-        for name in ("amp", "force", "report"):
+        for name in ("amp", "channels_last", "force", "report"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"--{name}: expected true or false, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')}: expected true or false, "
+                    f"got {getattr(self, name)!r}"
+                )
         _choice("preset", self.preset, tuple(PRESET_IMAGE_SIZE))
         _choice("split", self.split, SPLIT_SCHEMES)
         _choice("convention", self.convention, CONVENTIONS)

@@ -80,13 +80,16 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         from torchcam.methods import CAM as TorchCAM
     except ImportError as exc:
         raise Unavailable(f"{BENCH_EXTRAS}; {exc}") from exc
+    import copy
+    from types import SimpleNamespace
+
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from methods.cam import CAMNet
     from methods.common.cam import tta_maps
-    from methods.common.data import seeded
+    from methods.common.data import place, seeded
 
     batch, size, rounds = (4, 64, 2) if smoke else (32, 128, 5)
     with seeded(0):
@@ -104,14 +107,17 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
             return self.net(inp)[0]
 
     layer4 = net.backbone.layer4
+    # ours runs the model the way CAM.localize does: placed by ``place`` (channels_last, the
+    # runner's default); the baselines get the model as it comes (NCHW), as a user passes it
+    placed = place(copy.deepcopy(net), SimpleNamespace(device=x.device, channels_last=True))
 
-    def forward() -> Any:
+    def forward(model: nn.Module = net) -> Any:
         with torch.no_grad():
-            return net(x)
+            return model(x)
 
     def ours() -> torch.Tensor:  # CAM.localize's path: one forward, one einsum, normalise
         with torch.no_grad():
-            return tta_maps(lambda inp: net.cam(inp, y), x)  # (N, 1, H, W)
+            return tta_maps(lambda inp: placed.cam(inp, y), x)  # (N, 1, H, W)
 
     extractor = TorchCAM(net, target_layer=layer4, fc_layer=net.fc, input_shape=(3, *hw))
     gradcam = GradCAM(model=Logits(net), target_layers=[layer4])
@@ -130,8 +136,8 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         # Identical maps: raw maps at the feature grid (ours vs torchcam), and normalised maps
         # at the input size (ours vs GradCAM, whose gradient weights are W[c] / (h * w) here).
         with torch.no_grad():
-            _, feats = net(x)
-            raw = torch.einsum("nkhw,nk->nhw", feats, net.fc.weight[y])
+            _, feats = placed(x)  # ours' model
+            raw = torch.einsum("nkhw,nk->nhw", feats, placed.fc.weight[y])
             net(x)
             raw_tc = extractor(class_idx=y.tolist(), normalized=False)[0]
         diffs = {
@@ -141,7 +147,13 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         if max(diffs.values()) >= 1e-5:
             raise RuntimeError(f"CAM maps differ (max abs diff {diffs}): refusing to time them")
         times = best_times_interleaved(
-            {"forward": forward, "ours": ours, "torchcam": torchcam}, rounds=rounds
+            {
+                "forward": forward,
+                "forward_cl": lambda: forward(placed),
+                "ours": ours,
+                "torchcam": torchcam,
+            },
+            rounds=rounds,
         )
         times["gradcam"] = best_time(grad_cam, repeats=2 if smoke else 3, min_total=0.0)
     finally:
@@ -169,6 +181,12 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
                 "target": 3.0,
                 "throughput": ips("gradcam"),
             },
+            {
+                "baseline": "bare forward in channels_last (info)",
+                "baseline_s": times["forward_cl"],
+                "target": None,
+                "throughput": ips("forward_cl"),
+            },
         ],
         "checks": [
             {
@@ -181,8 +199,9 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         "max_abs_diff": diffs,
         "note": f"resnet18 OS16 (random init), batch {batch} at {size} px, torch threads "
         f"{torch.get_num_threads()}; baseline: bare forward pass (target: ours within 5 %, "
-        "ratio >= 0.95); ours: CAMNet.cam + normalise + upsample (CAM.localize's path); "
-        "torchcam CAM (+ upsample) and pytorch-grad-cam GradCAM (backward pass) as comparisons",
+        "ratio >= 0.95); ours: CAMNet.cam + normalise + upsample (CAM.localize's path, model in "
+        "channels_last as the runner places it); torchcam CAM (+ upsample) and "
+        "pytorch-grad-cam GradCAM (backward pass) on the model as given (NCHW) as comparisons",
     }
 
 
@@ -194,7 +213,8 @@ def _finecam_original(
 
     1. the classifier forward (the original takes the predicted class from it; the label is
        used here so that the maps can be compared with ours);
-    2. a forward capturing each block's full attention matrix (N, H, T, T) from its qkv;
+    2. a forward through the explicit attention path, keeping each block's full attention
+       matrix (N, H, T, T) (no extra computation: the weights are computed anyway);
     3. ``forward_features`` for the final patch tokens before the last LayerNorm.
 
     The fusion then loops over layers in Python, per image.
@@ -205,20 +225,22 @@ def _finecam_original(
     with torch.no_grad():
         vit(image)  # 1: classification
         attn_maps: list[torch.Tensor] = []
-
-        def attn_hook(module: Any, args: tuple[Any, ...]) -> None:
-            t = args[0]
-            n, tok, _ = t.shape
-            qkv = module.qkv(t).reshape(n, tok, 3, module.num_heads, module.head_dim)
-            q, k = qkv.permute(2, 0, 3, 1, 4)[:2]  # (N, H, T, hd)
-            attn_maps.append(((q @ k.transpose(-2, -1)) * module.scale).softmax(dim=-1))
-
-        handles = [blk.attn.register_forward_pre_hook(attn_hook) for blk in vit.blocks]
+        # the original's attention module returns the softmax weights it computes anyway: here
+        # timm's explicit (non-fused) path, its weights read where they pass ``attn_drop``
+        handles = [
+            blk.attn.attn_drop.register_forward_hook(lambda m, a, out: attn_maps.append(out))
+            for blk in vit.blocks
+        ]
+        fused = [blk.attn.fused_attn for blk in vit.blocks]
         try:
+            for blk in vit.blocks:
+                blk.attn.fused_attn = False
             vit(image)  # 2: attention
         finally:
             for h in handles:
                 h.remove()
+            for blk, f in zip(vit.blocks, fused, strict=True):
+                blk.attn.fused_attn = f
         captured: list[torch.Tensor] = []
         handle = vit.norm.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
         try:
@@ -229,12 +251,12 @@ def _finecam_original(
         ph, pw = vit.patch_embed.patch_size
         gh, gw = image.shape[-2] // ph, image.shape[-1] // pw
         m = (tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mean(dim=-1)  # (P,)
-        fused = torch.zeros(tokens.shape[0])
+        fusion = torch.zeros(tokens.shape[0])
         for attn in attn_maps:  # per layer: (H, P) CLS row, heads weighted by softmax(a . m)
             a = attn[0, :, 0, num_prefix:]
             w = (a @ m).softmax(dim=0)
-            fused += (w[:, None] * a).mean(dim=0)
-        attn_n = (fused - fused.min()) / (fused.max() + 1e-6)
+            fusion += (w[:, None] * a).mean(dim=0)
+        attn_n = (fusion - fusion.min()) / (fusion.max() + 1e-6)
         coarse = tokens @ vit.head.weight[label]  # (P,)
         coarse = (coarse - coarse.min()) / (coarse.max() + 1e-6)
         cam = (attn_n * coarse).reshape(1, 1, gh, gw)

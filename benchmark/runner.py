@@ -561,6 +561,7 @@ class Runner:
             "max_epochs": cfg.max_epochs,
             "device": self.device.type,
             "amp": cfg.amp,
+            "channels_last": cfg.channels_last,
         }
         run_key = bcache.stable_hash({**key_parts, "method": method.cache_key()})
         fit_key = bcache.stable_hash({**key_parts, "method": method.fit_cache_key()})
@@ -582,6 +583,7 @@ class Runner:
             workdir=run_dir / "work",
             max_epochs=cfg.max_epochs,
             amp=cfg.amp,
+            channels_last=cfg.channels_last,
             progress=sys.stderr.isatty(),
             stage_dir=self.out / "stages" / method.name / fit_key,
             budget_s=None if cfg.budget_minutes is None else cfg.budget_minutes * 60.0,
@@ -733,6 +735,7 @@ class Runner:
             seed=ctx.seed,
             workdir=ctx.workdir,
             amp=ctx.amp,
+            channels_last=ctx.channels_last,
             progress=ctx.progress,
             stage_dir=run_dir / "stages",
             force=cfg.force,

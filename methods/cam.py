@@ -43,6 +43,7 @@ from methods.common.data import (
     check_loss,
     hflip_random,
     minibatches,
+    place,
     seeded,
     to_tensor,
 )
@@ -124,13 +125,13 @@ class CAM(Method):
         state = ctx.stage("classifier", lambda: self._train(train, ctx))
         model = self._build(train.num_classes, pretrained=False)
         model.load_state_dict(state)
-        self.model = model.to(ctx.device).eval()
+        self.model = place(model, ctx).eval()
 
     def _train(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
         cfg = self.config
         with seeded(ctx.seed):
             model = self._build(train.num_classes, cfg.pretrained)
-        model.to(ctx.device).train()
+        place(model, ctx).train()
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = ctx.generator(offset=1)
         labels = np.array(train.labels, dtype=np.int64)  # a writable copy
@@ -164,7 +165,7 @@ class CAM(Method):
         if self.model is None:
             raise RuntimeError("cam.localize called before fit()")
         cfg = self.config
-        model = self.model.to(ctx.device).eval()
+        model = place(self.model, ctx).eval()
         scales = tuple(cfg.tta_scales) if cfg.tta else (1.0,)
         h, w = batch.images.shape[1:3]
         out = np.empty((len(batch), 1, h, w), dtype=np.float32)

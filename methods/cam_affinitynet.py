@@ -80,7 +80,15 @@ from torch import nn
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.backbones import create_resnet
 from methods.common.crf import crf_labels
-from methods.common.data import apply_hflip, autocast, flip_flags, minibatches, seeded, to_tensor
+from methods.common.data import (
+    apply_hflip,
+    autocast,
+    flip_flags,
+    minibatches,
+    place,
+    seeded,
+    to_tensor,
+)
 from methods.common.random_walk import PairGrid, pair_grid, random_walk
 
 logger = logging.getLogger(__name__)
@@ -464,7 +472,7 @@ class CAMAffinityNet(Method):
         state = ctx.stage("affinity", lambda: self._train_affinity(train, ctx))
         net = self._build_aff(pretrained=False)
         net.load_state_dict(state)
-        self.aff = net.to(ctx.device).eval()
+        self.aff = place(net, ctx).eval()
 
     def seed_labels(self, images: ImageSet, ctx: Context) -> np.ndarray:
         """Confident labels (N, H, W) uint8 (1 fg, 0 bg, 255 ignore) from the fitted CAM."""
@@ -505,7 +513,7 @@ class CAMAffinityNet(Method):
                     f"({cfg.aff_backbone!r} != {cfg.backbone!r})"
                 )
             net.backbone.load_state_dict(self.cam.model.backbone.state_dict())
-        net.to(ctx.device).train()
+        place(net, ctx).train()
         new = {id(p) for p in net.new_parameters()}
         frozen_bn = set()
         if net.freeze_bn:
@@ -576,7 +584,7 @@ class CAMAffinityNet(Method):
         if self.aff is None:
             raise RuntimeError("cam_affinitynet: affinities asked before fit()")
         cfg = self.config
-        net = self.aff.to(ctx.device).eval()
+        net = place(self.aff, ctx).eval()
         parts = []
         grid = None
         for start in range(0, len(batch), cfg.infer_batch_size):

@@ -102,6 +102,7 @@ from methods.common.data import (
     autocast,
     flip_flags,
     minibatches,
+    place,
     seeded,
     to_tensor,
 )
@@ -453,7 +454,7 @@ class CCAMECS(Method):
         with seeded(ctx.seed):
             backbone = create_resnet(cfg.backbone, pretrained=pretrained, output_stride=16)
             model = CCAMNet(backbone, num_classes if cfg.ecs else 0)
-        return model.to(ctx.device)
+        return place(model, ctx)
 
     # ---- training -----------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:

@@ -545,7 +545,7 @@ class WeakTRRefinery(Method):
         for sub in batch.batches(self.config.infer_batch_size):
             x = self._images(sub.images, device)
             out = vit_forward_with_attention(self.vit, x)
-            labels = torch.from_numpy(np.asarray(sub.labels, dtype=np.int64)).to(device)
+            labels = torch.from_numpy(np.array(sub.labels, dtype=np.int64)).to(device)
             cam = resize(self._finecam(out, labels), (h, w)).clamp(0.0, 1.0)
             maps.append(cam.cpu().numpy().astype(np.float32))
         return np.concatenate(maps) if maps else np.zeros((0, 1, h, w), np.float32)

@@ -79,3 +79,17 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "benchmark", "--help"], capture_output=True, text=True
     )
     assert res.returncode == 0 and "run" in res.stdout
+
+
+def test_channels_last_flag_parses_and_is_validated(tmp_path):
+    from benchmark.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run"]).channels_last is None  # the config default (on) applies
+    assert parser.parse_args(["run", "--no-channels-last"]).channels_last is False
+    assert build_config({}, {"channels_last": False}).channels_last is False
+    assert build_config({}, {}).channels_last is True
+    f = tmp_path / "c.yaml"
+    f.write_text("channels-last: maybe\n")
+    with pytest.raises(ConfigError, match="--channels-last"):
+        build_config(load_yaml(f), {})

@@ -17,6 +17,7 @@ from methods.common.data import (
     flip_flags,
     hflip_random,
     minibatches,
+    place,
     seeded,
     to_tensor,
 )
@@ -89,6 +90,29 @@ def test_autocast_is_a_no_op_on_cpu():
     with autocast("cpu", amp=True):
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_place_memory_format_same_outputs_and_portable_state(channels_last):
+    from types import SimpleNamespace
+
+    with seeded(0):
+        ref = create_resnet("resnet18", pretrained=False, output_stride=16).eval()
+    with seeded(0):
+        net = create_resnet("resnet18", pretrained=False, output_stride=16).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    placed = place(net, SimpleNamespace(device=torch.device("cpu"), channels_last=channels_last))
+    conv = placed.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.is_contiguous() != channels_last  # a 7x7x3 kernel is one or the other
+    with torch.no_grad():
+        got, want = placed(x)[-1], ref(x)[-1]
+    assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    back = create_resnet("resnet18", pretrained=False, output_stride=16).eval()
+    back.load_state_dict(placed.state_dict())  # a channels_last state loads into NCHW weights
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[-1], want, atol=1e-5, rtol=1e-4)
 
 
 # ---- CAM normalisation --------------------------------------------------------------------

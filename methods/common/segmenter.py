@@ -32,6 +32,7 @@ from methods.common.data import (
     check_loss,
     flip_flags,
     minibatches,
+    place,
     seeded,
     to_tensor,
 )
@@ -168,7 +169,7 @@ def train_segmenter(
     _check_pairs(images, masks)
     with seeded(ctx.seed):
         model = build_segmenter(config)
-    model.to(ctx.device).train()
+    place(model, ctx).train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = ctx.generator(offset=7001)
     n, bs = len(images), config.batch_size
@@ -235,7 +236,7 @@ def predict_segmenter(
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
     was_training = model.training
-    model.to(ctx.device).eval()
+    place(model, ctx).eval()
     out = np.empty((len(images), 1, *images.shape[1:3]), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         x = to_tensor(images[start : start + batch_size], ctx.device)
