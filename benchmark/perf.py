@@ -478,7 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help=f"entries to run: {', '.join(PERF_ENTRIES)}"
     )
+    parser.add_argument("--device", default="cpu", help="device of the stages entry (cpu)")
+    parser.add_argument(
+        "--preset", default="quick", choices=("paper", "quick", "tiny"), help="stages preset"
+    )
+    parser.add_argument("--stage-images", type=int, help="images per stage (default 64)")
+    parser.add_argument(
+        "--no-amp", dest="amp", action="store_false", help="stages: no bf16 autocast on CUDA"
+    )
     args = parser.parse_args(argv)
+    perf_stages.OPTIONS = perf_stages.StageOptions(
+        device=args.device, preset=args.preset, images=args.stage_images, amp=args.amp
+    )
     if args.only:
         unknown = [n for n in args.only if n not in PERF_ENTRIES]
         if unknown:
@@ -491,8 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(e["status"].startswith("error") for e in result["entries"]) else 0
 
 
-# The entries beyond the evaluator's (CAM, FineCAM, CRF, random walk, scale) register themselves.
-from benchmark import perf_entries  # noqa: E402,F401
+# The entries beyond the evaluator's (CAM, FineCAM, CRF, random walk, scale, stages) register
+# themselves.
+from benchmark import perf_entries, perf_stages  # noqa: E402,F401
 
 if __name__ == "__main__":  # ``python -m benchmark.perf``: use the registry the entries fill
     from benchmark.perf import main as _main

@@ -19,6 +19,7 @@ is recorded with status ``error`` (reason and traceback file) and never stops th
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import io
 import logging
@@ -160,6 +161,7 @@ def derive_seed(base: int, dataset: str, method: str, repetition: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little") % (2**31 - 1)
 
 
+@functools.cache
 def code_version(method_cls: type[Method]) -> str:
     """Hash of the source that determines a method's outputs, plus :data:`STAGE_FORMAT`.
 
@@ -168,6 +170,10 @@ def code_version(method_cls: type[Method]) -> str:
     does not throw away hours of cached training. The data a method sees is keyed separately
     (dataset fingerprint, split hash, image size); a runner change that alters what a stage
     stores must bump :data:`STAGE_FORMAT`.
+
+    Computed once per process (cached): the hash describes the code this process imported, so
+    editing ``methods/`` while a long run goes on does not give its later runs keys of code
+    they are not running.
     """
     files = [Path(sys.modules[method_cls.__module__].__file__ or "")]
     files.extend(sorted((REPO / "methods" / "common").glob("*.py")))

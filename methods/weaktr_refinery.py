@@ -574,7 +574,7 @@ class WeakTRRefinery(Method):
         for sub in batch.batches(self.config.infer_batch_size):
             x = self._images(sub.images, device)
             out = vit_forward_with_attention(self.vit, x)
-            labels = torch.from_numpy(np.asarray(sub.labels, dtype=np.int64)).to(device)
+            labels = torch.from_numpy(np.array(sub.labels, dtype=np.int64)).to(device)
             target = self._finecam(out, labels)  # (n, 1, S, S)
             logits = resize(self.decoder(out.token_map()).float(), tuple(target.shape[-2:]))
             if self.config.map == "decoder":

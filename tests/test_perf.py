@@ -101,6 +101,7 @@ def test_new_entries_run_in_smoke_mode(name):
         assert {c["baseline"] for c in row["comparisons"]} == {
             "torchcam CAM",
             "GradCAM",
+            "GradCAM, channels_last model + input (info: its best case)",
             "bare forward in channels_last (info)",
         }
         assert max(row["max_abs_diff"].values()) < 1e-5
@@ -153,3 +154,41 @@ def test_auto_walk_mode_follows_the_limits(monkeypatch):
     assert rw.auto_walk_mode(rw.DENSE_MAX_NODES_MULTITHREAD_CPU + 1) == "sparse"
     assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cuda"], "cuda") == "dense"
     assert rw.auto_walk_mode(rw.DENSE_MAX_NODES["cuda"] + 1, "cuda") == "sparse"
+
+
+def test_stages_entry_times_every_stage_of_every_method_in_both_settings():
+    from benchmark import perf_stages
+
+    result = perf.run_perf(smoke=True, only=["stages"])
+    (row,) = result["entries"]
+    assert row["status"] == "ok", row["status"]
+    fast, plain = row["stages"]["fast"], row["stages"]["plain"]
+    assert [r["what"] for r in fast] == [r["what"] for r in plain]
+    whats = [r["what"] for r in fast]
+    for name in (*perf_stages.STAGE_METHODS, "segmenter"):
+        assert f"{name}/maps" in whats
+        assert any(w.startswith(f"{name}/") and w.endswith("(train)") for w in whats), whats
+    assert "cam_affinitynet/affinity (train)" in whats  # a method's second stage is timed too
+    for r in fast + plain:
+        assert r["seconds"] > 0 and r["ips"] > 0
+    assert row["ours_s"] == pytest.approx(sum(r["seconds"] for r in fast))
+    assert row["baseline_s"] == pytest.approx(sum(r["seconds"] for r in plain))
+    assert len(row["checks"]) == len(fast) and row["met"] is None
+
+
+def test_stages_options_come_from_the_command_line(monkeypatch):
+    from benchmark import perf_stages
+
+    seen = {}
+
+    def entry(smoke):
+        seen["opts"] = perf_stages.OPTIONS
+        return {"ours_s": 1.0, "baseline_s": 1.0, "target": None, "note": "n", "throughput": "t"}
+
+    monkeypatch.setitem(perf.PERF_ENTRIES, "stages", entry)
+    monkeypatch.setattr(perf_stages, "OPTIONS", perf_stages.OPTIONS)
+    assert (
+        perf.main(["--smoke", "--only", "stages", "--preset", "tiny", "--stage-images", "5"]) == 0
+    )
+    assert seen["opts"].preset == "tiny" and seen["opts"].images == 5
+    assert seen["opts"].device == "cpu" and seen["opts"].amp is True

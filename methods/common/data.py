@@ -126,12 +126,14 @@ def hflip_random(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 def place(model: nn.Module, ctx: Any) -> nn.Module:
     """Move a network to ``ctx.device``, in channels_last when ``ctx.channels_last`` is set.
 
-    channels_last (NHWC) is the memory format oneDNN and cuDNN run convolutions fastest in;
-    inputs can stay NCHW (a convolution with channels_last weights returns channels_last).
-    Measured on the 2-core CPU of the README: resnet18 training steps 17 % faster, inference
-    25 % faster, LR-ASPP MobileNetV3 training 18 % faster. Call it before creating the optimizer
-    (the parameters are replaced). A state dict saved from a channels_last model loads into
-    either format.
+    channels_last (NHWC) is the memory format oneDNN and cuDNN run convolutions fastest in. On
+    the CPU our inputs already are NHWC-strided (:func:`to_tensor` permutes uint8 NHWC images
+    without a copy), and a convolution follows its input's format, so there the methods' paths
+    measure the same with or without it (``perf --only stages``: 1.00x on the README's 2-core
+    CPU). It matters where a tensor arrives NCHW-contiguous (a resnet18 forward of such a batch:
+    ~1.3x faster in channels_last, ``perf --only cam_extraction``) and on GPUs. Call it before
+    creating the optimizer (the parameters are replaced). A state dict saved from a
+    channels_last model loads into either format.
 
     Args:
         model: the network (modified in place and returned).
