@@ -219,6 +219,20 @@ def test_crf_keeps_a_clean_map_clean():
     assert np.array_equal(q.argmax(0), lab)
 
 
+def test_crf_reads_read_only_memory_mapped_images(tmp_path):
+    # the runner's image cache is a read-only memory map; pydensecrf needs a writable buffer
+    # (cam_affinitynet's paper preset crashed on it: "buffer source array is read-only")
+    img, lab = _two_tone()
+    np.save(tmp_path / "img.npy", img)
+    ro = np.load(tmp_path / "img.npy", mmap_mode="r")
+    assert not ro.flags.writeable
+    assert np.array_equal(crf_labels(ro, lab), crf_labels(img, lab))
+    p = (lab * 0.9 + 0.05).astype(np.float32)
+    np.testing.assert_array_equal(
+        dense_crf(ro, np.stack([1 - p, p])), dense_crf(img, np.stack([1 - p, p]))
+    )
+
+
 def test_crf_cleans_noise_and_fills_ignored_pixels():
     img, lab = _two_tone()
     noisy = lab.copy()

@@ -39,7 +39,9 @@ def _check_image(image: np.ndarray, hw: tuple[int, int] | None = None) -> np.nda
         raise ValueError(f"dense CRF needs an RGB image of shape (H, W, 3); got {image.shape}")
     if hw is not None and image.shape[:2] != hw:
         raise ValueError(f"image is {image.shape[:2]} but the map is {hw}")
-    return np.ascontiguousarray(image)
+    # pydensecrf takes a writable C buffer: images from the read-only memory-mapped cache are
+    # copied (one image, 3 bytes a pixel), others are passed through
+    return np.require(image, dtype=np.uint8, requirements=("C", "W"))
 
 
 def _crf(
