@@ -122,6 +122,7 @@ def _time_method(
     from methods.common.segmenter import (
         SEGMENTER_PRESETS,
         SegmenterConfig,
+        build_segmenter,
         predict_segmenter,
         train_segmenter,
     )
@@ -130,8 +131,6 @@ def _time_method(
     if name == "segmenter":
         config = SegmenterConfig(**{**SEGMENTER_PRESETS[preset], "pretrained_backbone": False})
         ctx.stage("train", lambda: train_segmenter(np.asarray(train.images), masks, config, ctx))
-        from methods.common.segmenter import build_segmenter
-
         model = build_segmenter(config)
         t0 = time.perf_counter()
         predict_segmenter(model, np.asarray(train.images), ctx)

@@ -388,9 +388,17 @@ def search_threshold(
     step = max(1, int(round(coarse_step * n_bins)))
     evaluated: list[tuple[int, str, float | None]] = []  # (grid index, phase, proposal)
 
-    def value_at(i: int) -> tuple[TrialState, float | None]:
+    def trial_at(i: int, dist: FloatDistribution, attrs: dict[str, Any] | None = None) -> Any:
+        """A finished trial at grid index ``i`` (FAIL where the metric is undefined)."""
         v = values[i]
-        return (TrialState.FAIL, None) if np.isnan(v) else (TrialState.COMPLETE, float(v))
+        state, value = (TrialState.FAIL, None) if np.isnan(v) else (TrialState.COMPLETE, float(v))
+        return create_trial(
+            params={"threshold": i / n_bins},
+            distributions={"threshold": dist},
+            value=value,
+            state=state,
+            user_attrs=attrs,
+        )
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -406,16 +414,8 @@ def search_threshold(
                 if i in seen:
                     continue
                 seen.add(i)
-                state, v = value_at(i)
                 evaluated.append((i, phase, None))
-                trials.append(
-                    create_trial(
-                        params={"threshold": i / n_bins},
-                        distributions={"threshold": cont},
-                        value=v,
-                        state=state,
-                    )
-                )
+                trials.append(trial_at(i, cont))
             study.add_trials(trials)
 
         coarse = list(range(0, n_bins + 1, step))
@@ -434,8 +434,8 @@ def search_threshold(
             i = int(round(proposed * n_bins))
             seen.add(i)
             evaluated.append((i, "tpe", proposed))
-            state, v = value_at(i)
-            study.tell(trial, v, state=state)
+            done = trial_at(i, cont)
+            study.tell(trial, done.value, state=done.state)
     finally:
         optuna.logging.set_verbosity(verbosity)
     best = _best_index(values, sorted(seen))
@@ -444,19 +444,10 @@ def search_threshold(
     first = next(n for n, (i, _, _) in enumerate(evaluated) if i == best)
     trials = []
     for i, phase, proposed in evaluated:
-        state, v = value_at(i)
         attrs: dict[str, Any] = {"phase": phase}
         if proposed is not None:
             attrs["proposed"] = proposed
-        trials.append(
-            create_trial(
-                params={"threshold": i / n_bins},
-                distributions={"threshold": grid_dist},
-                value=v,
-                state=state,
-                user_attrs=attrs,
-            )
-        )
+        trials.append(trial_at(i, grid_dist, attrs))
     return ThresholdResult(
         threshold=float(counts.thresholds[best]),
         value=float(values[best]),

@@ -192,3 +192,19 @@ def test_sigkill_mid_training_resumes_to_identical_rows(tmp_path):
     a, b = _quality(read_results(killed)), _quality(read_results(fresh))
     assert len(a) > 0
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_channels_last_reaches_the_method_and_the_cache_key(tmp_path):
+    from benchmark.runner import RunSpec
+
+    bundle = prepare_data(_cfg(tmp_path, ["cam"]))
+    opened = {
+        flag: Runner(_cfg(tmp_path, ["cam"], channels_last=flag), bundle=bundle).open_run(
+            RunSpec("cam", 0)
+        )
+        for flag in (True, False)
+    }
+    assert opened[True].ctx.channels_last is True and opened[False].ctx.channels_last is False
+    # a run in the other memory format is another experiment: its stages are not reused
+    assert opened[True].run_key != opened[False].run_key
+    assert opened[True].ctx.stage_dir != opened[False].ctx.stage_dir
