@@ -43,7 +43,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--segmenter-batch-size", type=int, help="batch size of the shared segmenter (preset's)"
     )
-    p.add_argument("--segmenter", help="lraspp (default) | unet")
+    p.add_argument(
+        "--segmenter",
+        help="lraspp | unet (default: the preset's; quick: U-Net on offline EfficientNet-Lite0)",
+    )
     p.add_argument("--gt-ratio", type=float, help="share of train pseudo masks replaced by GT")
     p.add_argument("--threshold", type=float, help="fixed threshold instead of the val sweep")
     p.add_argument("--convention", help="pet (default) | pet_with_border | weaktr_refinery")

@@ -41,7 +41,8 @@ class RunConfig:
         max_epochs: optional epoch cap per training stage.
         segmenter_epochs: epochs of the shared segmenter (``None``: the preset's).
         segmenter_batch_size: batch size of the shared segmenter (``None``: the preset's).
-        segmenter: segmenter architecture (``lraspp`` | ``unet``).
+        segmenter: segmenter architecture (``lraspp`` | ``unet``; ``None``: the preset's,
+            ``unet`` on the offline ImageNet EfficientNet-Lite0 for ``quick``).
         gt_ratio: share of train images whose pseudo mask is replaced by its GT mask.
         threshold: a fixed threshold instead of the validation sweep (``None``: sweep).
         convention: trimap convention of the evaluation (``pet`` by default).
@@ -66,7 +67,7 @@ class RunConfig:
     max_epochs: int | None = None
     segmenter_epochs: int | None = None
     segmenter_batch_size: int | None = None
-    segmenter: str = "lraspp"
+    segmenter: str | None = None
     gt_ratio: float = 0.0
     threshold: float | None = None
     convention: str = "pet"
@@ -95,8 +96,11 @@ class RunConfig:
             raise ConfigError(f"--methods: expected a list of method names, got {self.methods!r}")
         if not self.methods:
             raise ConfigError("--methods: empty list; give 'all' or method names")
-        for name in ("dataset", "preset", "split", "convention", "segmenter", "out"):
+        for name in ("dataset", "preset", "split", "convention", "out"):
             _text(name, getattr(self, name))
+        if self.segmenter is not None:
+            _text("segmenter", self.segmenter)
+            _choice("segmenter", self.segmenter, ("lraspp", "unet"))
         if self.data_root is not None:
             _text("data-root", self.data_root)
         for name in ("amp", "channels_last", "force", "report"):
@@ -108,7 +112,6 @@ class RunConfig:
         _choice("preset", self.preset, tuple(PRESET_IMAGE_SIZE))
         _choice("split", self.split, SPLIT_SCHEMES)
         _choice("convention", self.convention, CONVENTIONS)
-        _choice("segmenter", self.segmenter, ("lraspp", "unet"))
         names = list_datasets()
         if self.dataset.replace("-", "_") not in names:
             raise ConfigError(f"--dataset: unknown dataset {self.dataset!r}; valid: {names}")

@@ -130,11 +130,15 @@ def check_methods(specs: list[str], preset: str) -> list[str]:
     """
     import yaml
 
+    from methods.common.weights import PretrainedWeightsError, check_offline
+
     expanded = expand_methods(specs)
     for spec in expanded:
         try:
-            create_method(spec, preset=preset)
-        except (ValueError, TypeError, KeyError, yaml.YAMLError) as exc:
+            method = create_method(spec, preset=preset)
+            for arch, source in method.weight_sources().items():
+                check_offline(arch, source)
+        except (ValueError, TypeError, KeyError, yaml.YAMLError, PretrainedWeightsError) as exc:
             text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
             raise ConfigError(f"--methods: {spec!r}: {text}".splitlines()[0]) from None
     return expanded
@@ -506,7 +510,12 @@ class Runner:
         self.device = resolve_device(cfg.device)
         self.bundle = bundle or prepare_data(cfg)
         seg_values = dict(SEGMENTER_PRESETS.get(cfg.preset, {}))
-        seg_values["arch"] = cfg.segmenter
+        if cfg.segmenter is not None and cfg.segmenter != seg_values.get("arch", "lraspp"):
+            seg_values["arch"] = cfg.segmenter
+            if cfg.segmenter == "lraspp" and seg_values.get("pretrained_backbone") == "offline":
+                # torchvision's ImageNet MobileNetV3 is not installable offline
+                logger.warning("--segmenter lraspp on %s: random-init backbone", cfg.preset)
+                seg_values["pretrained_backbone"] = False
         if cfg.segmenter_epochs is not None:
             seg_values["epochs"] = cfg.segmenter_epochs
         if cfg.segmenter_batch_size is not None:

@@ -249,6 +249,17 @@ class Method:
         return maps
 
     # ---- optional ----------------------------------------------------------------------
+    def weight_sources(self) -> dict[str, Any]:
+        """``{timm architecture: pretrained setting}`` of the networks this config builds.
+
+        The runner checks ``"offline"`` entries before any work (a missing package is one
+        error line naming it). The default reads the ``backbone`` and ``pretrained`` fields.
+        """
+        arch = getattr(self.config, "backbone", None)
+        if isinstance(arch, str) and hasattr(self.config, "pretrained"):
+            return {arch: self.config.pretrained}
+        return {}
+
     def search_space(self, trial: Any) -> dict[str, Any]:
         """Hyperparameters for Optuna sweeps (``trial.suggest_*``); none by default."""
         return {}

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Context, ImageSet, Method, register_method
-from methods.common.backbones import create_resnet
+from methods.common.backbones import create_backbone
 from methods.common.crf import crf_labels
 from methods.common.data import (
     apply_hflip,
@@ -244,7 +244,10 @@ class AffinityNet(nn.Module):
                 f"reduction width in dims {dims}"
             )
         self.stages = tuple(int(s) for s in stages)
-        self.backbone = create_resnet(backbone, pretrained=pretrained, output_stride=output_stride)
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, output_stride=output_stride
+        )
+        self.input_norm = self.backbone.input_norm  # input normalisation of the backbone's weights
         channels = [self.backbone.channels[s - 1] for s in self.stages]
         self.reduce = nn.ModuleList(
             nn.Conv2d(c, d, 1, bias=False) for c, d in zip(channels, dims, strict=True)
@@ -324,10 +327,11 @@ class Config:
 
     # stage "classifier": the CAM classifier of methods.cam
     backbone: str = "resnet50"  # CAM classifier backbone (timm ResNet)
-    pretrained: bool | str = True  # ImageNet weights for both backbones (str: a local file)
+    pretrained: bool | str = True  # both backbones: True hub, "offline" package, str a file
     cam_epochs: int = 5  # CAM classifier epochs (methods.cam paper preset)
     cam_batch_size: int = 32  # CAM classifier batch size
     cam_lr: float = 1e-4  # CAM classifier Adam learning rate
+    cam_backbone_lr_mult: float = 1.0  # CAM classifier backbone lr = cam_lr x this
     cam_tta: bool = True  # multi-scale + flip CAMs for the seeds (psa's infer_cls does this)
     cam_tta_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # psa's CAM inference scales
     # confident regions (IRNet's thresholds on the normalised CAM)
@@ -376,27 +380,22 @@ class CAMAffinityNet(Method):
     Config = Config
     presets = {
         "paper": {},
-        "quick": {
-            "backbone": "resnet18",
-            "pretrained": False,
-            "cam_epochs": 8,
+        "quick": {  # offline ImageNet EfficientNet-Lite0 for both nets; tuned on val only
+            "backbone": "tf_efficientnet_lite0",
+            "pretrained": "offline",
+            "cam_epochs": 6,
             "cam_lr": 1e-3,
+            "cam_backbone_lr_mult": 0.1,
             "cam_tta_scales": (1.0,),
             "crf_confident": False,
-            "aff_backbone": "resnet18",
-            "aff_dims": (32, 32, 64),
+            "aff_backbone": "tf_efficientnet_lite0",
+            "aff_dims": (32, 64, 64),
             "aff_embed_dim": 64,
-            "aff_epochs": 8,
+            "aff_epochs": 6,
             "aff_optimizer": "adam",
-            "aff_lr": 1e-3,
-            "aff_new_lr_mult": 1.0,
+            "aff_lr": 1e-4,
+            "aff_new_lr_mult": 10.0,
             "aff_weight_decay": 0.0,
-            # Random-init affinities are flatter than psa's trained ResNet-38 ones: sharper
-            # A = a ** 32 and fewer steps stop the walk leaking into the background. Chosen on
-            # the synthetic val split (beta 4/8/16/32 x steps 32/64/256): train pseudo IoU
-            # 0.308 (CAM seeds) -> 0.308 (beta 8, 256 steps) -> 0.333 (beta 32, 64 steps).
-            "beta": 32.0,
-            "walk_steps": 64,
         },
         "tiny": {
             "backbone": "resnet18",
@@ -434,6 +433,11 @@ class CAMAffinityNet(Method):
         self.aff: AffinityNet | None = None
 
     # ---- pieces ------------------------------------------------------------------------
+    def weight_sources(self) -> dict[str, Any]:
+        """Both backbones (CAM classifier and AffinityNet) take ``pretrained``."""
+        cfg = self.config
+        return {cfg.backbone: cfg.pretrained, cfg.aff_backbone: cfg.pretrained}
+
     def _cam_method(self) -> Any:
         from methods.cam import CAM
         from methods.cam import Config as CamConfig
@@ -445,6 +449,7 @@ class CAMAffinityNet(Method):
             epochs=cfg.cam_epochs,
             batch_size=cfg.cam_batch_size,
             lr=cfg.cam_lr,
+            backbone_lr_mult=cfg.cam_backbone_lr_mult,
             tta=cfg.cam_tta,
             tta_scales=tuple(cfg.cam_tta_scales),
             infer_batch_size=cfg.infer_batch_size,
@@ -548,7 +553,7 @@ class CAMAffinityNet(Method):
                     )
                     return _cpu_state(net)
                 idx = np.sort(idx)
-                x = to_tensor(train.images[idx], ctx.device)  # (B, 3, H, W)
+                x = to_tensor(train.images[idx], ctx.device, net.input_norm)  # (B, 3, H, W)
                 lab = torch.from_numpy(labels[idx]).to(ctx.device)  # (B, H, W)
                 if cfg.aff_flip:
                     flags = flip_flags(len(idx), gen)
@@ -588,7 +593,9 @@ class CAMAffinityNet(Method):
         parts = []
         grid = None
         for start in range(0, len(batch), cfg.infer_batch_size):
-            x = to_tensor(batch.images[start : start + cfg.infer_batch_size], ctx.device)
+            x = to_tensor(
+                batch.images[start : start + cfg.infer_batch_size], ctx.device, net.input_norm
+            )
             with autocast(ctx.device, ctx.amp):
                 emb = net(x)  # (B, D, h, w)
             grid = pair_grid(emb.shape[2], emb.shape[3], cfg.radius, device=ctx.device)

@@ -82,12 +82,15 @@ from torch import nn
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.data import autocast, minibatches, seeded, to_tensor
 from methods.common.vit import (
+    HYBRID_TRUNKS,
     VIT_NAMES,
     ViTOutputs,
     build_vit,
     minmax_shift,
     resize,
+    trunk_parameters,
     vit_forward_with_attention,
+    vit_input_norm,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,8 +105,10 @@ REFERENCE_SIZE = 224
 class Config:
     """WeakTR-Refinery settings; the defaults are the original repository's."""
 
-    vit: str = "tiny"  # tiny = deit_tiny_patch16_224, small = vit_small_patch16_224
-    pretrained: bool | str = True  # ImageNet weights from timm (True), a local file, or False
+    # tiny = deit_tiny_patch16_224, small = vit_small_patch16_224, lite0_hybrid = pretrained
+    # EfficientNet-Lite0 trunk (stride 16) + transformer blocks trained here (see Deviations)
+    vit: str = "tiny"
+    pretrained: bool | str = True  # True timm hub, "offline" (hybrid trunk), a file, or False
     img_size: int = 224  # ViT input size (images are resized to it); a multiple of the patch
     vit_depth: int | None = None  # override the ViT depth (random init only; tiny preset)
     vit_embed_dim: int | None = None  # override the token width D (random init only)
@@ -112,6 +117,7 @@ class Config:
     epochs: int = 15  # classifier epochs
     batch_size: int = 32  # classifier batch size
     lr: float = 1e-4  # classifier Adam learning rate (no weight decay, no augmentation)
+    backbone_lr_mult: float = 1.0  # a hybrid's pretrained trunk learns at lr x this
     decoder_size: str = "medium"  # small | medium | large (README default: medium)
     decoder_epochs: int = 15  # decoder epochs
     decoder_batch_size: int = 64  # decoder batch size
@@ -129,8 +135,9 @@ class Config:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _number(name, value, int))
-        if self.vit not in VIT_NAMES:
-            raise ValueError(f"vit must be one of {sorted(VIT_NAMES)}, got {self.vit!r}")
+        if self.vit not in VIT_NAMES and self.vit not in HYBRID_TRUNKS:
+            valid = sorted([*VIT_NAMES, *HYBRID_TRUNKS])
+            raise ValueError(f"vit must be one of {valid}, got {self.vit!r}")
         if self.decoder_size not in DECODER_CHANNELS:
             raise ValueError(
                 f"decoder_size must be one of {sorted(DECODER_CHANNELS)}, got {self.decoder_size!r}"
@@ -347,11 +354,13 @@ class WeakTRRefinery(Method):
     Config: ClassVar[type] = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
-        "quick": {
-            "pretrained": False,
+        "quick": {  # hybrid: offline ImageNet Lite0 trunk + 4 blocks; tuned on val only
+            "vit": "lite0_hybrid",
+            "pretrained": "offline",
             "img_size": 128,
             "epochs": 8,
-            "lr": 3e-4,
+            "lr": 5e-4,
+            "backbone_lr_mult": 0.2,
             "decoder_epochs": 4,
             "decoder_batch_size": 32,
         },
@@ -377,6 +386,11 @@ class WeakTRRefinery(Method):
         self.decoder: RefineryDecoder | None = None
 
     # ---- construction ------------------------------------------------------------------
+    def weight_sources(self) -> dict[str, Any]:
+        """The ViT's (or a hybrid's trunk's) timm architecture and ``pretrained``."""
+        cfg = self.config
+        return {HYBRID_TRUNKS.get(cfg.vit) or VIT_NAMES[cfg.vit]: cfg.pretrained}
+
     def _new_vit(self, num_classes: int, pretrained: bool | str) -> nn.Module:
         cfg = self.config
         return build_vit(
@@ -392,7 +406,7 @@ class WeakTRRefinery(Method):
 
     def _images(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> normalised (N, 3, S, S) at the ViT's input size."""
-        x = to_tensor(np.asarray(images), device)
+        x = to_tensor(np.asarray(images), device, vit_input_norm(self.config.vit))
         size = (self.config.img_size, self.config.img_size)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -435,7 +449,13 @@ class WeakTRRefinery(Method):
         device = torch.device(ctx.device)
         with seeded(ctx.seed):
             model = self._new_vit(train.num_classes, pretrained=cfg.pretrained).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        trunk = {id(p) for p in trunk_parameters(model)}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in trunk], "lr": cfg.lr},
+            {"params": [p for p in model.parameters() if id(p) in trunk],
+             "lr": cfg.lr * cfg.backbone_lr_mult},
+        ]  # fmt: skip
+        optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.lr)
         model.train()
 
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,10 @@ def test_presets_and_paper_defaults():
     paper = make_segmenter_config("paper")
     assert paper == SegmenterConfig()
     assert paper.arch == "lraspp" and paper.epochs == 4 and paper.pretrained_backbone
-    assert not make_segmenter_config("quick").pretrained_backbone
+    quick = make_segmenter_config("quick")
+    assert quick.pretrained_backbone == "offline" and quick.arch == "unet"
+    assert quick.unet_encoder == "tu-tf_efficientnet_lite0"
+    assert not make_segmenter_config("tiny").pretrained_backbone
     with pytest.raises(ValueError, match="unknown segmenter preset"):
         make_segmenter_config("huge")
 

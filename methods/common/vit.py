@@ -28,6 +28,70 @@ logger = logging.getLogger(__name__)
 
 #: Short names accepted by ``build_vit`` and the timm models they stand for.
 VIT_NAMES = {"tiny": "deit_tiny_patch16_224", "small": "vit_small_patch16_224"}
+#: Hybrid ViTs (a pretrained CNN trunk as patch embedding) and the timm trunk of each.
+HYBRID_TRUNKS = {"lite0_hybrid": "tf_efficientnet_lite0"}
+#: Transformer defaults of a hybrid: depth, token width, heads (DeiT-tiny's width and heads).
+HYBRID_DEFAULTS = {"depth": 4, "embed_dim": 192, "num_heads": 3}
+
+
+def build_hybrid_vit(
+    name: str,
+    pretrained: bool | str = False,
+    num_classes: int = 1000,
+    img_size: int = 224,
+    depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+) -> nn.Module:
+    """A hybrid ViT: a CNN trunk to stride 16 as patch embedding, then transformer blocks.
+
+    The construction of Dosovitskiy et al. ("An Image is Worth 16x16 Words", ICLR 2021,
+    section 3.1, "Hybrid Architecture"): the input sequence is the trunk's feature map
+    projected by a 1x1 convolution (timm ``HybridEmbed``, patch size 1 on the feature map), a
+    CLS token and learned position embeddings are added, and ``depth`` pre-norm blocks follow.
+    The trunk is the whole EfficientNet-Lite0 with its stride-32 stage dilated (output stride
+    16, 320 channels), so one token covers 16 x 16 pixels as in DeiT. Only the trunk can be
+    pretrained (``pretrained`` is the trunk's, see :mod:`methods.common.weights`); the
+    projection, tokens and blocks start from random init and are trained by the caller.
+
+    Returns:
+        A timm ``VisionTransformer`` (``blocks``, ``norm``, ``head``, ``patch_embed``) whose
+        ``input_norm`` is the trunk's normalisation.
+    """
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_hybrid import HybridEmbed
+
+    from methods.common.backbones import create_backbone
+
+    if name not in HYBRID_TRUNKS:
+        raise ValueError(f"unknown hybrid ViT {name!r}; valid: {sorted(HYBRID_TRUNKS)}")
+    trunk = create_backbone(HYBRID_TRUNKS[name], pretrained, output_stride=16, out_indices=(4,))
+    model = VisionTransformer(
+        img_size=img_size,
+        patch_size=1,
+        num_classes=num_classes,
+        embed_dim=embed_dim or HYBRID_DEFAULTS["embed_dim"],
+        depth=depth or HYBRID_DEFAULTS["depth"],
+        num_heads=num_heads or HYBRID_DEFAULTS["num_heads"],
+        embed_layer=partial(HybridEmbed, backbone=trunk),
+    )
+    model.input_norm = trunk.input_norm
+    return model
+
+
+def vit_input_norm(name: str) -> Any:
+    """The input normalisation of ViT ``name`` (a hybrid's: its trunk's weights')."""
+    from methods.common.backbones import backbone_normalization
+
+    return backbone_normalization(HYBRID_TRUNKS.get(name) or VIT_NAMES.get(name, name))
+
+
+def trunk_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The pretrained CNN trunk's parameters of a hybrid ViT (none for a plain ViT)."""
+    trunk = getattr(model.patch_embed, "backbone", None)
+    return list(trunk.parameters()) if trunk is not None else []
 
 
 def build_vit(
@@ -44,7 +108,9 @@ def build_vit(
     missing); architecture overrides (used by the ``tiny`` preset) need random init.
 
     Args:
-        name: a timm model name, or a short name from ``VIT_NAMES`` (``tiny``, ``small``).
+        name: a timm model name, a short name from ``VIT_NAMES`` (``tiny``, ``small``), or a
+            hybrid from ``HYBRID_TRUNKS`` (``lite0_hybrid``: :func:`build_hybrid_vit`, where
+            ``pretrained`` is the trunk's and ``depth``/``embed_dim``/``num_heads`` apply).
         pretrained: True for timm's pretrained weights (needs internet or a filled local
             cache), a path to a local weights file, or False for random initialisation.
         num_classes: size of the new linear classification head.
@@ -61,20 +127,27 @@ def build_vit(
     """
     import timm
 
-    from methods.common.backbones import create_vit
+    from methods.common.backbones import backbone_normalization, create_vit
 
+    if name in HYBRID_TRUNKS:
+        arch.pop("patch_size", None)
+        return build_hybrid_vit(name, pretrained, num_classes, img_size, **arch)
     model_name = VIT_NAMES.get(name, name)
     arch = {k: v for k, v in arch.items() if v is not None}
     if not arch:
-        return create_vit(model_name, pretrained, num_classes=num_classes, img_size=img_size)
+        model = create_vit(model_name, pretrained, num_classes=num_classes, img_size=img_size)
+        model.input_norm = backbone_normalization(model_name)
+        return model
     if pretrained is not False and pretrained is not None:
         raise ValueError(
             f"ViT {model_name}: architecture overrides {sorted(arch)} cannot be combined with "
             "pretrained weights; use pretrained=False"
         )
-    return timm.create_model(
+    model = timm.create_model(
         model_name, pretrained=False, num_classes=num_classes, img_size=img_size, **arch
     )
+    model.input_norm = backbone_normalization(model_name)
+    return model
 
 
 @dataclass
@@ -157,8 +230,7 @@ def vit_forward_with_attention(model: nn.Module, x: torch.Tensor) -> ViTOutputs:
         the patch grid.
     """
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))
-    ph, pw = model.patch_embed.patch_size
-    grid = (x.shape[-2] // ph, x.shape[-1] // pw)
+    grid = tuple(model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))  # patches or trunk
     attentions: list[torch.Tensor] = []
     captured: dict[str, torch.Tensor] = {}
 
