@@ -19,6 +19,11 @@ Deviations from the original:
     - Output stride 16 instead of 32 (a 7x7 map at 224 px is too coarse), as in most WSSS code.
     - Adam instead of SGD fine-tuning; the paper preset follows the Pet seed repositories
       (ResNet-50 ImageNet, 224 px, batch 32, Adam 1e-4, 5 epochs).
+    - Preset ``quick``: the offline ImageNet EfficientNet-Lite0 (``tf_efficientnet_lite0``, its
+      stride-32 stage dilated to output stride 16: 8 x 8 maps at 128 px) instead of a
+      ResNet; the classifier layer at lr 1e-3, the trunk at 1e-4; 4 epochs; TTA scales
+      (1, 1.5, 2) x flip. Chosen on the synthetic val split (56 images, one seed each): no TTA
+      23.1 val IoU, TTA 30.1; output stride 32 (no dilation, 4 x 4 maps) 21.4 / 23.9.
     - Known bugs of a Pet seed repository that are NOT copied: its CAM used a never-trained,
       randomly initialised fc layer, and its "IoU" divided by |A| + |B| instead of the union
       (half a Dice score). Here the CAM comes from the trained classifier, and no metric is
@@ -109,7 +114,9 @@ class CAM(Method):
             "pretrained": "offline",
             "lr": 1e-3,
             "backbone_lr_mult": 0.1,
-            "epochs": 6,
+            "epochs": 4,
+            "tta": True,  # val IoU 23.1 -> 30.1 with (1, 1.5, 2) x flip (docstring)
+            "tta_scales": (1.0, 1.5, 2.0),
         },
         "tiny": {
             "backbone": "resnet18",

