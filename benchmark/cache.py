@@ -36,6 +36,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from benchmark import faults
+from methods.common.weights import file_sha256  # one implementation
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """SHA-256 of the canonical JSON of ``obj``, truncated to ``length`` hex digits."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

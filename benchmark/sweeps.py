@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmark.config import ConfigError, RunConfig
+from benchmark.config import ConfigError, RunConfig, mask_url
 from benchmark.evaluate import METRICS, SweepCounts
 from benchmark.store import read_results, write_rows
 
@@ -101,20 +101,6 @@ ATTR = "wsss"  # the study user attribute holding the SweepSpec
 
 
 # ---- storage ------------------------------------------------------------------------------------
-def mask_url(url: str | None) -> str:
-    """A storage URL fit for logs: the password replaced by ``***``."""
-    if not url:
-        return str(url)
-    if "://" in url:
-        try:
-            from sqlalchemy.engine import make_url
-
-            return make_url(url).render_as_string(hide_password=True)
-        except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: mask by pattern
-            pass
-    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
-
-
 def default_storage_url(out: str | Path) -> str:
     """The journal file of a run folder, as a storage URL (``journal:<absolute path>``)."""
     return f"journal:{(Path(out) / 'studies' / JOURNAL_NAME).resolve()}"

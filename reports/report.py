@@ -136,7 +136,7 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     w.parts.append("# wsss-bench report\n")
     w.section("Setup", _setup(data.rows, per_image))
     w.section("Reading", _reading(main, sig, cost))
-    _main_sections(w, rows, main, sig, ratio, palette)
+    _main_sections(w, rows, main, sig, ratio, palette, per_image)
     _mixed_section(w, data.rows, palette)
     _conventions_section(w, rows, per_image)
     _cost_section(w, main, cost, palette)
@@ -170,6 +170,7 @@ def _main_sections(
     sig: stats.Significance,
     ratio: float | None,
     palette: dict,
+    per_image: pd.DataFrame,
 ) -> None:
     marks = sig.marks()
     main = main.assign(iou_ci=[sig.ci_text(str(m)) for m in main.index])
@@ -197,9 +198,12 @@ def _main_sections(
             w.figure(paths, "Test IoU per method; whiskers: 95 % bootstrap CI over test images.")
         )
     pseudo = with_failures(summarize(rows, "pseudo", "train", CONVENTION), rows)
-    extra = {"threshold": "thr."}
+    psig = stats.significance(stats.select(per_image, "pseudo", "train", CONVENTION), pseudo)
+    pseudo = pseudo.assign(iou_ci=[psig.ci_text(str(m)) for m in pseudo.index])
+    extra = {"threshold": "thr.", **CI_COLUMN}
     w.section(
-        "Pseudo masks on train (threshold chosen on validation)",
+        "Pseudo masks on train (threshold chosen on validation; CI: 95 % bootstrap over train "
+        "images)",
         w.table(
             "pseudo",
             format_table(pseudo, extra=extra),

@@ -19,12 +19,11 @@ import timm
 from torch import nn
 
 from methods.common.weights import (
-    Normalization,
     PretrainedWeightsError,
     load_offline,
-    normalization,
     offline_hint,
 )
+from methods.common.weights import normalization as backbone_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,6 @@ def timm_create(name: str, pretrained: bool | str, **kwargs: Any) -> nn.Module:
             f"could not download or find cached pretrained weights for {name!r} "
             f"({type(exc).__name__}: {exc}). " + _advice(name)
         ) from exc
-
-
-def backbone_normalization(name: str) -> Normalization:
-    """The input normalisation of backbone ``name`` (that of its pretrained weights)."""
-    return normalization(name)
 
 
 def create_backbone(

@@ -157,14 +157,12 @@ def offline_hint(arch: str) -> str:
     )
 
 
-def normalization(arch: str, pretrained: bool | str = True) -> Normalization:
+def normalization(arch: str) -> Normalization:
     """The input normalisation of ``arch``'s weights (registered entry, timm cfg, ImageNet).
 
-    ``pretrained`` does not change the answer: a randomly initialised network is normalised
-    as its pretrained counterpart would be, so a run differs from a pretrained one only by the
-    weights.
+    A randomly initialised network is normalised as its pretrained counterpart would be, so a
+    run differs from a pretrained one only by the weights.
     """
-    del pretrained  # the same normalisation either way (see above)
     if arch in OFFLINE_WEIGHTS:
         return OFFLINE_WEIGHTS[arch].norm
     try:
