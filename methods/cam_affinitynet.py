@@ -92,6 +92,7 @@ from methods.common.data import (
     minibatches,
     place,
     seeded,
+    stage_epochs,
     to_tensor,
 )
 from methods.common.random_walk import PairGrid, pair_grid, random_walk
@@ -337,6 +338,7 @@ class Config:
     cam_batch_size: int = 32  # CAM classifier batch size
     cam_lr: float = 1e-4  # CAM classifier Adam learning rate
     cam_backbone_lr_mult: float = 1.0  # CAM classifier backbone lr = cam_lr x this
+    cam_min_steps: int = 0  # CAM classifier: at least this many steps (quick: 36)
     cam_tta: bool = True  # multi-scale + flip CAMs for the seeds (psa's infer_cls does this)
     cam_tta_scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # psa's CAM inference scales
     # confident regions (IRNet's thresholds on the normalised CAM)
@@ -351,6 +353,7 @@ class Config:
     aff_embed_dim: int = 448  # embedding channels of the last 1x1 conv (psa: 448)
     aff_init_from_classifier: bool = False  # start the backbone from the CAM classifier's
     aff_epochs: int = 8  # psa train_aff max_epoches
+    aff_min_steps: int = 0  # AffinityNet: at least this many steps (quick: 152)
     aff_batch_size: int = 8  # psa train_aff batch_size
     aff_optimizer: str = "sgd"  # "sgd" (psa, poly decay) or "adam" (random init; poly too)
     aff_lr: float = 0.1  # psa train_aff lr (backbone); poly power 0.9
@@ -389,6 +392,7 @@ class CAMAffinityNet(Method):
             "backbone": "tf_efficientnet_lite0",
             "pretrained": "offline",
             "cam_epochs": 4,
+            "cam_min_steps": 36,  # steps of 4 epochs on the 304 synthetic train images
             "cam_lr": 1e-3,
             "cam_backbone_lr_mult": 0.1,
             "cam_tta_scales": (1.0, 1.5, 2.0),
@@ -401,6 +405,7 @@ class CAMAffinityNet(Method):
             "aff_dims": (32, 64, 64),
             "aff_embed_dim": 64,
             "aff_epochs": 4,
+            "aff_min_steps": 152,  # 4 epochs x 38 steps of 8 on the synthetic train split
             "aff_optimizer": "adam",
             "aff_lr": 1e-4,
             "aff_new_lr_mult": 10.0,
@@ -461,6 +466,7 @@ class CAMAffinityNet(Method):
             batch_size=cfg.cam_batch_size,
             lr=cfg.cam_lr,
             backbone_lr_mult=cfg.cam_backbone_lr_mult,
+            min_steps=cfg.cam_min_steps,
             tta=cfg.cam_tta,
             tta_scales=tuple(cfg.cam_tta_scales),
             infer_batch_size=cfg.infer_batch_size,
@@ -552,10 +558,10 @@ class CAMAffinityNet(Method):
         gen = ctx.generator(offset=2)
         n, bs = len(train), cfg.aff_batch_size
         drop_last = n > bs
-        epochs = ctx.epochs(cfg.aff_epochs)
-        max_step = epochs * (n // bs if drop_last else -(-n // bs))
+        wanted = stage_epochs(cfg.aff_epochs, n, bs, cfg.aff_min_steps, drop_last)
+        max_step = ctx.epochs(wanted) * (n // bs if drop_last else -(-n // bs))
         step = 0
-        for epoch in ctx.epoch_range(cfg.aff_epochs, "affinity net"):
+        for epoch in ctx.epoch_range(wanted, "affinity net"):
             total, count = 0.0, 0
             for idx in minibatches(n, bs, gen, shuffle=True, drop_last=drop_last):
                 if not ctx.should_continue():

@@ -101,6 +101,7 @@ from methods.common.data import (
     minibatches,
     place,
     seeded,
+    stage_epochs,
     to_tensor,
 )
 
@@ -366,6 +367,7 @@ class Config:
     backbone: str = "resnet50"  # timm ResNet name (official: ResNet-50)
     pretrained: bool | str = True  # True: timm hub; "offline": installed package; str: a file
     epochs: int = 20  # training epochs (Pet repo: 20)
+    min_steps: int = 0  # at least this many steps (more epochs on small sets; quick: 45)
     batch_size: int = 32  # images per step; the contrastive loss needs many pairs (>= 32)
     optimizer: str = "sgd"  # sgd (official) | adam
     lr: float = 1e-3  # base learning rate (official 1e-3)
@@ -422,6 +424,7 @@ class CCAMECS(Method):
             "backbone": "tf_efficientnet_lite0",
             "pretrained": "offline",
             "epochs": 5,  # val IoU 44.8 (5 epochs) vs 41.6 (8); CRF on the cue: 21.0
+            "min_steps": 45,  # 5 epochs x 9 steps of 32 on the synthetic train split
             "batch_size": 32,
             "optimizer": "adam",
             "lr": 1e-4,  # new layers 10x (head_lr_mult)
@@ -483,7 +486,8 @@ class CCAMECS(Method):
         n = len(train)
         bs = min(cfg.batch_size, n)
         steps_per_epoch = n // bs
-        epochs = ctx.epochs(cfg.epochs)
+        wanted = stage_epochs(cfg.epochs, n, bs, cfg.min_steps, drop_last=True)
+        epochs = ctx.epochs(wanted)
         total_steps = max(1, epochs * steps_per_epoch)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -493,7 +497,7 @@ class CCAMECS(Method):
         labels_all = torch.tensor(np.asarray(train.labels), dtype=torch.long)  # a copy
         inverted: bool | None = None
         stopped = False
-        for epoch in ctx.epoch_range(cfg.epochs, "ccam"):
+        for epoch in ctx.epoch_range(wanted, "ccam"):
             model.train()
             sums: dict[str, float] = {}
             steps = 0

@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Context, ImageSet, Method, register_method
-from methods.common.data import autocast, minibatches, seeded, to_tensor
+from methods.common.data import autocast, minibatches, seeded, stage_epochs, to_tensor
 from methods.common.vit import (
     HYBRID_TRUNKS,
     VIT_NAMES,
@@ -122,11 +122,13 @@ class Config:
     vit_heads: int | None = None  # override the number of heads (random init only)
     vit_patch: int | None = None  # override the patch size (random init only; default 16)
     epochs: int = 15  # classifier epochs
+    min_steps: int = 0  # classifier: at least this many steps (small sets; quick: 60)
     batch_size: int = 32  # classifier batch size
     lr: float = 1e-4  # classifier Adam learning rate (no weight decay, no augmentation)
     backbone_lr_mult: float = 1.0  # a hybrid's pretrained trunk learns at lr x this
     decoder_size: str = "medium"  # small | medium | large (README default: medium)
     decoder_epochs: int = 15  # decoder epochs
+    decoder_min_steps: int = 0  # decoder: at least this many steps (quick: 40)
     decoder_batch_size: int = 64  # decoder batch size
     decoder_lr: float = 5e-2  # decoder Adam learning rate (original 5e-2)
     clip_window: int = 120  # gradient-clipping window in px at 224 px (scaled with img_size)
@@ -366,6 +368,8 @@ class WeakTRRefinery(Method):
             "pretrained": "offline",
             "img_size": 128,
             "epochs": 6,
+            "min_steps": 60,  # 6 epochs x 10 steps of 32 on the synthetic train split
+            "decoder_min_steps": 40,  # 4 epochs x 10 steps of 32
             "lr": 5e-4,
             "backbone_lr_mult": 0.2,
             "decoder_epochs": 4,
@@ -474,7 +478,7 @@ class WeakTRRefinery(Method):
             ctx,
             optimizer,
             step_loss,
-            cfg.epochs,
+            stage_epochs(cfg.epochs, len(train), cfg.batch_size, cfg.min_steps),
             cfg.batch_size,
             1,
             "weaktr classifier",
@@ -548,7 +552,9 @@ class WeakTRRefinery(Method):
             ctx,
             optimizer,
             step_loss,
-            cfg.decoder_epochs,
+            stage_epochs(
+                cfg.decoder_epochs, len(train), cfg.decoder_batch_size, cfg.decoder_min_steps
+            ),
             cfg.decoder_batch_size,
             2,
             "weaktr decoder",

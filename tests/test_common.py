@@ -245,3 +245,18 @@ def test_crf_cleans_noise_and_fills_ignored_pixels():
     assert np.array_equal(crf_labels(img, holes), lab)
     with pytest.raises(ValueError, match="labels must be"):
         crf_labels(img, lab * 3)
+
+
+def test_stage_epochs_raises_epochs_only_below_min_steps():
+    from methods.common.data import stage_epochs
+
+    # the quick presets' min_steps equal their epochs on the 304 synthetic train images
+    assert stage_epochs(4, 304, 32, min_steps=36, drop_last=True) == 4
+    assert stage_epochs(6, 304, 16, min_steps=114, drop_last=True) == 6
+    assert stage_epochs(6, 304, 32, min_steps=60) == 6  # no drop_last: 10 steps an epoch
+    # a 51-image set gets at least as many steps
+    assert stage_epochs(4, 51, 32, min_steps=36, drop_last=True) == 36  # 1 step an epoch
+    assert stage_epochs(6, 51, 16, min_steps=114, drop_last=True) == 38  # 3 steps an epoch
+    assert stage_epochs(6, 51, 32, min_steps=60) == 30  # 2 steps an epoch
+    assert stage_epochs(3, 10, 32, min_steps=0) == 3
+    assert stage_epochs(3, 10, 32, min_steps=5, drop_last=True) == 5  # n <= batch: 1 step

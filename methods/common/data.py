@@ -73,6 +73,26 @@ def to_tensor(
     return (x - mean) / std
 
 
+def stage_epochs(
+    epochs: int, n: int, batch_size: int, min_steps: int = 0, drop_last: bool = False
+) -> int:
+    """Epochs a training stage runs: ``epochs``, raised to reach at least ``min_steps`` steps.
+
+    A recipe given in epochs trains a 50-image set for a tenth of the steps of a 500-image one;
+    ``min_steps`` (the ``quick`` presets: the steps their epochs give on the synthetic train
+    split) keeps small real sets from being trained for a handful of steps.
+
+    Args:
+        epochs: the recipe's epochs.
+        n: training items.
+        batch_size: items per step.
+        min_steps: the least number of optimiser steps (0: ``epochs`` as given).
+        drop_last: whether a last, smaller minibatch is dropped (when ``n > batch_size``).
+    """
+    full = n // batch_size if drop_last and n > batch_size else -(-n // batch_size)
+    return max(epochs, -(-min_steps // max(1, full)))
+
+
 def minibatches(
     n: int,
     batch_size: int,

@@ -44,6 +44,7 @@ from methods.common.data import (
     minibatches,
     place,
     seeded,
+    stage_epochs,
     to_tensor,
 )
 from methods.common.weights import (
@@ -65,6 +66,7 @@ class SegmenterConfig:
 
     arch: str = "lraspp"  # "lraspp" (torchvision lraspp_mobilenet_v3_large) | "unet" (smp)
     epochs: int = 4  # original WeakTR-Refinery segmentation stage: 4 epochs
+    min_steps: int = 0  # at least this many steps (more epochs on small sets; quick: 114)
     batch_size: int = 8  # original: 8
     lr: float = 1e-4  # Adam learning rate (original: 1e-5 with BCE on one logit)
     weight_decay: float = 0.0  # Adam weight decay
@@ -86,6 +88,7 @@ SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
         "pretrained_backbone": "offline",
         "unet_decoder_channels": (64, 32, 16, 16, 8),  # ~30 % faster than smp's default
         "epochs": 6,
+        "min_steps": 114,  # 6 epochs x 19 steps of 16 on the synthetic train split
         "batch_size": 16,
         "lr": 1e-3,
     },
@@ -237,7 +240,8 @@ def train_segmenter(
     gen = ctx.generator(offset=7001)
     n, bs = len(images), config.batch_size
     steps, stopped = 0, False
-    for epoch in ctx.epoch_range(config.epochs, "segmenter"):
+    epochs = stage_epochs(config.epochs, n, bs, config.min_steps, drop_last=True)
+    for epoch in ctx.epoch_range(epochs, "segmenter"):
         for idx in minibatches(n, bs, gen, shuffle=True, drop_last=n > bs):
             if not ctx.should_continue():
                 stopped = True
