@@ -1,6 +1,9 @@
 """Command-line interface: ``python -m benchmark {run,list,datasets,report,perf,sweep,worker}``.
 
-Errors in options or config files print one line naming the option and exit with code 2.
+Errors in options or config files print one line naming the option and exit with code 2;
+unusable data exits 2, an output that cannot be written (disk full) 1. SIGTERM (a scheduler's
+cancel) and Ctrl-C unwind like an exception (stages in flight are dropped, completed ones and
+their rows kept), print one line and exit 143 and 130.
 """
 
 from __future__ import annotations
@@ -8,13 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import ConfigError, build_config, load_yaml
+from benchmark.config import ConfigError, build_config, check_out_dir, load_yaml, show
 
 logger = logging.getLogger(__name__)
+
+#: Longest error line printed (values inside are already cut; this is a backstop).
+MAX_ERROR_CHARS = 2000
+RESUME_HINT = "completed stages are kept, re-run the same command to resume"
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so that it unwinds exactly like Ctrl-C."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,8 +230,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     }
     yaml_values = load_yaml(args.config) if args.config else {}
     cfg = build_config(yaml_values, cli)
-    runner.check_methods(cfg.methods, cfg.preset)  # fail fast on bad specs (exit 2)
+    if not runner.check_methods(cfg.methods, cfg.preset):  # fail fast on bad specs (exit 2)
+        raise ConfigError(f"--methods: {show(cfg.methods)} names no method")
     runner.resolve_device(cfg.device)
+    check_out_dir(cfg.out)
     rows = runner.run(cfg)
     from reports import main_table_text, write_report
 
@@ -230,9 +245,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from benchmark.store import ROWS
     from reports import write_report
 
-    path = write_report(Path(args.out), Path(args.report_dir) if args.report_dir else None)
+    out = Path(args.out)
+    rows = out / "results" / ROWS
+    if not out.is_dir():
+        raise ConfigError(f"--out: {out} is not a folder; give the --out of a `run` or `sweep`")
+    if not rows.is_dir() or not any(rows.glob("*.parquet")):
+        raise ConfigError(f"--out: no results in {out} (no {rows}/*.parquet); nothing to report")
+    if args.report_dir:
+        report_dir = check_out_dir(args.report_dir, "--report-dir")
+    else:
+        report_dir = check_out_dir(out / "report", "--out")
+    path = write_report(out, report_dir)
     print(f"report: {path}")
     return 0
 
@@ -255,8 +281,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.sweep_kind is None:
         build_parser().parse_args(["sweep", "--help"])
     runner.resolve_device(cfg.device)
+    if args.sweep_kind != "hparams" and not runner.expand_methods(cfg.methods):
+        raise ConfigError(f"--methods: {show(cfg.methods)} names no method")
+    check_out_dir(cfg.out)
     if args.sweep_kind == "threshold":
-        runner.expand_methods(cfg.methods)
         summary = sweeps.sweep_threshold(
             cfg, args.trials, args.n_bins, args.storage, args.study, args.sampler_seed
         )
@@ -300,16 +328,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "perf":
-        from benchmark import perf
-
-        return perf.main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the chosen command; expected failures become one line and an exit code."""
     try:
         if args.command == "run":
             return _cmd_run(args)
@@ -326,18 +346,62 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return _cmd_worker(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     except Exception as exc:
-        from benchmark.cache import DiskFullError
+        from benchmark.cache import OutputError
         from datasets import DatasetError
 
         if isinstance(exc, DatasetError):  # unusable data: one clear error, no traceback
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, DiskFullError):  # earlier stages and rows are intact
+        if isinstance(exc, OutputError):  # disk full, unwritable results: earlier ones intact
             print(f"error: {exc.strerror}", file=sys.stderr)
             return 1
         raise
     parser.print_help()
     return 0
+
+
+def _error(exc: BaseException) -> None:
+    """Print ``error: <message>`` on stderr, cut to :data:`MAX_ERROR_CHARS`."""
+    text = str(exc)
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+    print(f"error: {text}", file=sys.stderr)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM handler: a second SIGTERM kills at once; the first unwinds like Ctrl-C."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for SIGTERM (exit 143) or Ctrl-C (exit 130) instead of a traceback."""
+    if isinstance(exc, Terminated):
+        print(f"\ninterrupted by SIGTERM; {RESUME_HINT}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(f"\ninterrupted (Ctrl-C); {RESUME_HINT}", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "perf":
+        from benchmark import perf
+
+        return perf.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _dispatch(parser, args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -331,6 +331,30 @@ def _prepare_map(soft: np.ndarray, shape: tuple[int, ...], name: str | None) -> 
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def threshold_map(
+    soft: np.ndarray, shape: tuple[int, ...], threshold: float, name: str | None = None
+) -> np.ndarray:
+    """The one binary prediction of a soft map: ``map >= np.float32(threshold)`` at ``shape``.
+
+    Every score of a soft map goes through here: the map is validated, resized bilinearly to
+    the GT's (H, W) (see the module docstring) and thresholded in float32. Scores under another
+    convention take this prediction or its complement, never a second threshold.
+
+    Args:
+        soft: (h, w) map in [0, 1].
+        shape: (H, W) of the GT.
+        threshold: Decision threshold.
+        name: Optional image name, quoted in error messages.
+
+    Returns:
+        (H, W) bool array.
+
+    Raises:
+        ValueError: The map is not 2-D, not finite or outside [0, 1], or ``shape`` is not 2-D.
+    """
+    return _prepare_map(soft, tuple(shape), name) >= np.float32(threshold)
+
+
 class Evaluator:
     """Accumulates per-image confusion matrices; dataset-level and per-image aggregation.
 
@@ -413,7 +437,7 @@ class Evaluator:
             raise ValueError("add_map needs a binary evaluator (num_classes == 2)")
         key = self._next_name(name)
         gt = _check_labels(gt, "GT", key)
-        fg = _prepare_map(soft, gt.shape, key) >= np.float32(threshold)
+        fg = threshold_map(soft, gt.shape, threshold, key)
         pred = fg if self.positive == 1 else ~fg
         cm = confusion_matrix(pred, gt, 2, self.ignore_index, name=key)
         self._register(cm, key)
@@ -510,6 +534,23 @@ class SweepCounts:
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
         return _binary_metrics(self.tp, self.fp, self.fn, self.tn)[name]
+
+    def inverted(self) -> SweepCounts:
+        """The counts of the complementary prediction ``map < t`` at the same thresholds.
+
+        Exact, with no second pass: a GT-positive pixel not counted as a TP of ``map >= t`` is
+        a TP of ``map < t``, and so on. Used where the positive class is the side a pet map
+        predicts as negative (``weaktr_refinery``), so that both conventions score the one
+        prediction ``map >= t``.
+        """
+        return SweepCounts(
+            thresholds=self.thresholds.copy(),
+            tp=self.fn.copy(),
+            fp=self.tn.copy(),
+            fn=self.tp.copy(),
+            tn=self.fp.copy(),
+            n_images=self.n_images,
+        )
 
     def best(self, name: str = "iou") -> tuple[float, float]:
         """The threshold maximising a metric.

@@ -10,7 +10,8 @@ Format: ``ACTION@POINT[:PATTERN][#N]``, for example ``kill@step:segmenter-*`` or
 Actions:
     ``kill``: SIGKILL this process (no cleanup, no ``finally``: like a power cut or the OOM
     killer). ``oom``: raise ``torch.OutOfMemoryError``. ``enospc``: raise
-    ``OSError(ENOSPC)`` (disk full).
+    ``OSError(ENOSPC)`` (disk full). ``term`` / ``int``: send this process SIGTERM (a
+    scheduler's cancel) / SIGINT (Ctrl-C); the CLI's handlers unwind it.
 
 Points (the only places that call :func:`point`):
     ``step``: :meth:`benchmark.runner.RunContext.should_continue`, once per training step;
@@ -36,7 +37,7 @@ from collections import Counter
 logger = logging.getLogger(__name__)
 
 ENV = "WSSS_FAULT"
-ACTIONS = ("kill", "oom", "enospc")
+ACTIONS = ("kill", "oom", "enospc", "term", "int")
 POINTS = ("step", "write", "marker")
 
 _hits: Counter[str] = Counter()
@@ -73,6 +74,8 @@ def point(where: str, target: str) -> None:
     logger.warning("%s: injecting %s at %s %s", ENV, action, where, target)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action in ("term", "int"):  # the handler runs as os.kill returns (main thread)
+        os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGINT)
     if action == "oom":
         import torch
 

@@ -18,16 +18,18 @@ is recorded with status ``error`` (reason and traceback file) and never stops th
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import io
 import logging
 import os
+import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,16 @@ from benchmark import cache as bcache
 from benchmark import faults
 from benchmark.accounting import measure
 from benchmark.config import ConfigError, RunConfig
-from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep
-from benchmark.store import now_iso, provenance, write_curve, write_per_image, write_rows
+from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep, threshold_map
+from benchmark.store import (
+    check_writable,
+    now_iso,
+    provenance,
+    write_curve,
+    write_per_image,
+    write_rows,
+)
+from datasets.conventions import CONVENTIONS, get_convention, positive_prediction
 from methods import create_method, list_methods
 from methods.base import Context, ImageSet, Method, parse_spec, seed_everything
 from methods.common.segmenter import (
@@ -62,6 +72,10 @@ STAGE_FORMAT = 1
 #: Test images saved per run for the report's qualitative grid.
 QUALITATIVE_IMAGES = 6
 SWEEP_BINS = 100  # threshold grid resolution of the validation sweep (0.01)
+#: The segmenter's pet probability threshold: its test predictions are ``prob >= 0.5``.
+SEGMENTER_THRESHOLD = 0.5
+#: A 0/1 mask scored as a map (the GT masks a segmenter trains on) is thresholded here.
+MASK_THRESHOLD = 0.5
 MAP_BATCH = 64  # images per localize() call
 
 
@@ -169,7 +183,8 @@ def derive_seed(base: int, dataset: str, method: str, repetition: int) -> int:
 def code_version(method_cls: type[Method]) -> str:
     """Hash of the source that determines a method's outputs, plus :data:`STAGE_FORMAT`.
 
-    Covered: the method's module, ``methods/common`` and ``methods/base.py``. Not covered, on
+    Covered: the method's module and every ``methods.*`` module it imports (``cam_affinitynet``
+    builds on ``cam``), ``methods/common`` and ``methods/base.py``. Not covered, on
     purpose: the runner, the evaluator, reports and the dataset loaders, so that editing them
     does not throw away hours of cached training. The data a method sees is keyed separately
     (dataset fingerprint, split hash, image size); a runner change that alters what a stage
@@ -179,7 +194,7 @@ def code_version(method_cls: type[Method]) -> str:
     editing ``methods/`` while a long run goes on does not give its later runs keys of code
     they are not running.
     """
-    files = [Path(sys.modules[method_cls.__module__].__file__ or "")]
+    files = _method_sources(Path(sys.modules[method_cls.__module__].__file__ or ""))
     files.extend(sorted((REPO / "methods" / "common").glob("*.py")))
     files.append(REPO / "methods" / "base.py")
     h = hashlib.sha256(f"stage-format-{STAGE_FORMAT}".encode())
@@ -187,6 +202,23 @@ def code_version(method_cls: type[Method]) -> str:
         if f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def _method_sources(module: Path) -> list[Path]:
+    """``module`` and the method modules it imports (``from methods.cam import ...``), sorted."""
+    seen, todo = set(), [module]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        for name in _METHOD_IMPORT.findall(path.read_text(encoding="utf-8")):
+            if name not in ("base", "common"):
+                todo.append(REPO / "methods" / f"{name}.py")
+    return sorted(seen)
+
+
+_METHOD_IMPORT = re.compile(r"^\s*(?:from|import)\s+methods\.(\w+)", re.MULTILINE)
 
 
 # ---- the context the runner gives methods ------------------------------------------------------
@@ -203,6 +235,22 @@ class RunContext(Context):
     phase: str = ""  # the runner's step in flight (fit, maps_val, segmenter, ...), for errors
     active: str = ""  # the internal stage being computed
     failed: str = ""  # the innermost stage whose computation raised
+    #: (seed, stage folder) a method has in its own run; set by the runner (see as_method)
+    locate: Callable[[Method], tuple[int, Path]] | None = None
+
+    @contextlib.contextmanager
+    def as_method(self, method: Method) -> Iterator[None]:
+        """Use ``method``'s own seed and stage folder inside the block (shared inner fits)."""
+        if self.locate is None:
+            yield
+            return
+        saved = self.seed, self.stage_dir
+        self.seed, self.stage_dir = self.locate(method)
+        logger.info("%s: fitted as in its own run (seed %d)", method.name, self.seed)
+        try:
+            yield
+        finally:
+            self.seed, self.stage_dir = saved
 
     def should_continue(self) -> bool:
         """False once the run's wall-clock budget is spent (then the run's status is budget)."""
@@ -215,28 +263,33 @@ class RunContext(Context):
         return True
 
     def stage(
-        self, name: str, compute: Callable[[], dict[str, torch.Tensor]]
+        self,
+        name: str,
+        compute: Callable[[], dict[str, torch.Tensor]],
+        check: Callable[[dict[str, Any]], str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Reuse the cached stage ``name`` when complete and intact, else compute and save it.
 
         Another process computing the same stage is waited for (see
         :func:`benchmark.cache.computing`). A result with NaN or inf values (a diverged
         training) raises FloatingPointError and is never cached.
+
+        Args:
+            name: the stage name (the file is ``<prefix><name>.pt`` in the stage folder).
+            compute: computes the stage's tensors (a dict) when no usable cached copy exists.
+            check: says why loaded tensors do not fit (e.g. a state dict that does not load
+                into the model), or None; a cached copy that does not fit is recomputed.
         """
         path = self.stage_dir / f"{self.prefix}{name}.pt"
         with bcache.computing(path):
             info = None if self.force else bcache.read_marker(path)
-            if info is not None:
-                try:
-                    tensors = bcache.load_tensors(path)
-                except Exception as exc:  # noqa: BLE001
-                    logger.warning("cannot load cached stage %s (%s); recomputing", path, exc)
-                else:
-                    meta = info.get("meta", {})
-                    self.budget_hit = self.budget_hit or bool(meta.get("budget_hit"))
-                    self.costs[name] = {**meta.get("cost", {}), "reused": True}
-                    logger.info("stage %s: reused %s", name, path)
-                    return tensors
+            tensors = None if info is None else _load_stage(path, check)
+            if info is not None and tensors is not None:
+                meta = info["meta"]
+                self.budget_hit = self.budget_hit or bool(meta.get("budget_hit"))
+                self.costs[name] = {**meta.get("cost", {}), "reused": True}
+                logger.info("stage %s: reused %s", name, path)
+                return tensors
             bcache.invalidate(path)
             before, outer = self.budget_hit, self.active
             self.budget_hit, self.active = False, f"{self.prefix}{name}"
@@ -254,6 +307,28 @@ class RunContext(Context):
             bcache.save_tensors(path, tensors, {"cost": cost.to_dict(), "budget_hit": hit})
             self.costs[name] = {**cost.to_dict(), "reused": False}
             return tensors
+
+
+def _load_stage(
+    path: Path, check: Callable[[dict[str, Any]], str | None] | None
+) -> dict[str, Any] | None:
+    """The tensors of a cached stage whose marker was checked; None (warned) if unusable."""
+    try:
+        tensors = bcache.load_tensors(path)
+    except Exception as exc:  # noqa: BLE001 - any unloadable file is recomputed
+        logger.warning("cannot load cached stage %s (%s); recomputing", path, exc)
+        return None
+    problem = "not a dict of tensors" if not isinstance(tensors, dict) else None
+    if problem is None and check is not None:
+        problem = check(tensors)
+    if problem is not None:
+        logger.warning(
+            "cached stage %s does not fit the run: %s (corrupt or replaced?); recomputing",
+            path,
+            problem,
+        )
+        return None
+    return tensors
 
 
 def _check_finite(stage: str, tensors: dict[str, Any]) -> None:
@@ -319,7 +394,13 @@ def prepare_data(cfg: RunConfig) -> DataBundle:
     )
     split.save(out / "splits" / f"{cfg.dataset}-{cfg.split}-{split.sha256[:12]}.json")
     names = list(split.train) + list(split.val) + list(split.test)
-    cache = datasets.build_cache(dataset, names, cfg.size, out / "cache")
+    try:
+        cache = datasets.build_cache(dataset, names, cfg.size, out / "cache")
+    except OSError as exc:
+        if not bcache.is_disk_full(exc):
+            raise
+        what = f"building the image cache {exc.filename or out / 'cache'}"
+        raise bcache.disk_full_error(exc, what, out / "cache") from exc
     position = {n: i for i, n in enumerate(cache.names)}
     for reason in getattr(cache, "excluded", []) or []:
         logger.warning("left out of the image cache: %s", reason)
@@ -344,11 +425,6 @@ def write_manifest(path: Path, dataset: Any, cache: Any) -> None:
 
 
 # ---- helpers of one run -------------------------------------------------------------------------
-def positive_map(soft: np.ndarray, convention: str) -> np.ndarray:
-    """The soft map of the convention's positive class: 1 - pet map for ``weaktr_refinery``."""
-    return 1.0 - soft if convention == "weaktr_refinery" else soft
-
-
 def gt_subset(n: int, ratio: float, key: str) -> np.ndarray:
     """Indices of the ``ratio`` share of ``n`` images whose pseudo masks are replaced by GT.
 
@@ -361,24 +437,37 @@ def gt_subset(n: int, ratio: float, key: str) -> np.ndarray:
 
 
 def compute_maps(
-    method: Method, images: ImageSet, ctx: Context, path: Path, force: bool
+    method: Method,
+    images: ImageSet,
+    ctx: Context,
+    path: Path,
+    force: bool,
+    like: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Maps (N, C, h, w) of a split, float16 memory-mapped, cached with a marker."""
+    """Maps (N, C, h, w) of a split, float16 memory-mapped, cached with a marker.
+
+    A cached file is reused only if it holds float16 values in [0, 1] of shape (N, C, h, w)
+    with N the number of images of the split (and ``(C, h, w) == like`` when given: the shape
+    of the method's maps of another split); otherwise it is reported and recomputed.
+    """
     with bcache.computing(path):  # a concurrent run on the same folder waits, then reuses
-        return _compute_maps(method, images, ctx, path, force)
+        return _compute_maps(method, images, ctx, path, force, like)
 
 
 def _compute_maps(
-    method: Method, images: ImageSet, ctx: Context, path: Path, force: bool
+    method: Method,
+    images: ImageSet,
+    ctx: Context,
+    path: Path,
+    force: bool,
+    like: tuple[int, ...] | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     info = None if force else bcache.read_marker(path)
     if info is not None:
-        try:
-            array = bcache.load_array(path)  # allow_pickle=False: an object array is refused
-        except (OSError, ValueError) as exc:
-            logger.warning("cannot load cached maps %s (%s); recomputing", path, exc)
-        else:
-            return array, {**info.get("meta", {}).get("cost", {}), "reused": True}
+        shape = (len(images), *(like or (None, None, None)))
+        array = bcache.load_checked_array(path, shape, np.float16, "maps", unit_range=True)
+        if array is not None:
+            return array, {**info["meta"].get("cost", {}), "reused": True}
     bcache.invalidate(path)
     chunks = []
     with measure(ctx.device) as cost:
@@ -399,13 +488,17 @@ def _compute_maps(
 def sweep_counts(
     maps: np.ndarray, masks: Iterator[np.ndarray], convention: str, n_bins: int = SWEEP_BINS
 ) -> SweepCounts:
-    """TP/FP/FN/TN of a split's maps at every grid threshold ``i / n_bins`` (one pass)."""
+    """TP/FP/FN/TN of a split's maps at every grid threshold ``i / n_bins`` (one pass).
+
+    The prediction is ``pet map >= t`` under every convention, so thresholds are always pet-map
+    thresholds; where the convention's positive class is the background side
+    (``weaktr_refinery``) the counts are those of the complement ``pet map < t``.
+    """
     sweep = ThresholdSweep(n_bins=n_bins)
-    pairs = [
-        (positive_map(soft[0].astype(np.float32), convention), gt) for soft, gt in zip(maps, masks)
-    ]
+    pairs = [(soft[0].astype(np.float32), gt) for soft, gt in zip(maps, masks)]
     sweep.add_many([p[0] for p in pairs], [p[1] for p in pairs])  # one batched, threaded pass
-    return sweep.counts()
+    counts = sweep.counts()
+    return counts.inverted() if get_convention(convention).positive_is_background else counts
 
 
 def choose_threshold(
@@ -425,38 +518,64 @@ def choose_threshold(
     return float(best_t), curve
 
 
-def evaluate_soft(
+def orig_gts(bundle: DataBundle, part: str) -> Iterator[tuple[np.ndarray, ...]]:
+    """Per image of a split part, its original-resolution GT under each of :data:`CONVENTIONS`."""
+    return zip(*(bundle.orig_masks(part, c) for c in CONVENTIONS))
+
+
+def evaluate_maps(
     maps: np.ndarray,
-    masks: Iterator[np.ndarray],
+    gts: Iterator[tuple[np.ndarray, ...]],
     names: list[str],
     threshold: float,
-    convention: str,
-    replaced: set[int] | None = None,
-) -> Evaluator:
-    """Evaluate soft pet maps at a threshold under a convention (original-resolution GT).
+    used: Mapping[int, np.ndarray] | None = None,
+) -> dict[str, Evaluator]:
+    """Score soft pet maps at a threshold under every convention (original-resolution GT).
 
-    Images in ``replaced`` (the gt_ratio share) are scored with their GT as prediction, since
-    that is the pseudo mask the segmenter really sees.
+    Each image's prediction is made once (:func:`benchmark.evaluate.threshold_map`: the pet map
+    upsampled to the GT's size, ``>= threshold``); each convention scores it or its complement
+    (:func:`datasets.conventions.positive_prediction`), so a pixel on the threshold is pet under
+    every convention.
+
+    Images in ``used`` (the gt_ratio share; every image of a method whose pseudo masks are the
+    GT) are scored by the mask the segmenter really trains on: the working-resolution ``pet``
+    mask, its pet pixels (1) as a 0/1 map (the ignored border, 255, is not pet), upsampled and
+    thresholded at :data:`MASK_THRESHOLD` as a method's map would be. Scoring the
+    original-resolution GT instead would score the GT against itself (100 everywhere).
+
+    Args:
+        maps: (N, 1, h, w) pet maps in [0, 1].
+        gts: per image, its GT masks in the order of :data:`CONVENTIONS` (see :func:`orig_gts`).
+        names: image names.
+        threshold: the threshold of the maps.
+        used: image index -> the (S, S) uint8 {0, 1, 255} mask that replaces its pseudo mask.
+
+    Returns:
+        convention -> its :class:`Evaluator`.
     """
-    ev = Evaluator()
-    for i, (soft, gt) in enumerate(zip(maps, masks)):
-        if replaced and i in replaced:
-            ev.add(np.where(gt == 255, 0, gt).astype(np.uint8), gt, name=names[i])
+    evaluators = {c: Evaluator() for c in CONVENTIONS}
+    for i, (soft, masks) in enumerate(zip(maps, gts)):
+        if used is not None and i in used:
+            pet = threshold_map((used[i] == 1).astype(np.float32), masks[0].shape, MASK_THRESHOLD)
         else:
-            pos = positive_map(soft[0].astype(np.float32), convention)
-            ev.add_map(pos, gt, threshold, name=names[i])
-    return ev
+            pet = threshold_map(soft[0].astype(np.float32), masks[0].shape, threshold, names[i])
+        for convention, gt in zip(CONVENTIONS, masks):
+            evaluators[convention].add(positive_prediction(pet, convention), gt, name=names[i])
+    return evaluators
 
 
 def pseudo_masks(
     maps: np.ndarray,
     threshold: float,
-    convention: str,
     gt_masks: np.ndarray,
     replaced: np.ndarray,
     from_gt: bool,
 ) -> np.ndarray:
-    """Pet pseudo masks (N, S, S) uint8 {0, 1, 255} at the working resolution."""
+    """Pet pseudo masks (N, S, S) uint8 {0, 1, 255} at the working resolution.
+
+    A pixel is pet where the pet map (upsampled to S) is ``>= threshold``, under every
+    convention (the threshold is a pet-map threshold, see :func:`sweep_counts`).
+    """
     if from_gt:
         return np.asarray(gt_masks).copy()
     soft = maps[:, 0].astype(np.float32)
@@ -466,9 +585,7 @@ def pseudo_masks(
             t, size=gt_masks.shape[1:], mode="bilinear", align_corners=False
         )
         soft = t[:, 0].numpy()
-    pos = positive_map(soft, convention) >= threshold
-    pet = ~pos if convention == "weaktr_refinery" else pos
-    out = pet.astype(np.uint8)
+    out = (soft >= np.float32(threshold)).astype(np.uint8)
     if len(replaced):
         out[replaced] = np.asarray(gt_masks)[replaced]
     return out
@@ -503,6 +620,7 @@ class Runner:
         self, cfg: RunConfig, bundle: DataBundle | None = None, gt_rule: str = "subset"
     ) -> None:
         self.cfg = cfg
+        check_writable(cfg.out)  # fail before any work when no row could be stored
         # how gt_ratio is applied: "subset" (a fixed nested subset) or "weaktr_batch"
         # (WeakTR-Refinery's per-batch draw; see benchmark.sweeps.PerBatchGTMasks)
         self.gt_rule = gt_rule
@@ -559,14 +677,10 @@ class Runner:
             **{f"v_{k}": v for k, v in provenance().items()},
         }
 
-    def open_run(self, spec: RunSpec) -> OpenRun:
-        """The method, seed, base row, keys, folders and context of a run (computes nothing)."""
+    def _key_parts(self, method: Method, seed: int) -> dict[str, Any]:
+        """What, besides the method's parameters, keys a run's cached results."""
         cfg, b = self.cfg, self.bundle
-        method = create_method(spec.method_spec, preset=cfg.preset)
-        # variants differing only in inference options share the seed and the fitted stages
-        seed = derive_seed(cfg.base_seed, cfg.dataset, method.fit_identity(), spec.repetition)
-        base = self._base_row(method, spec, seed)
-        key_parts = {
+        return {
             "data": b.dataset.fingerprint(),
             "split": b.split.sha256,
             "size": b.size,
@@ -578,8 +692,30 @@ class Runner:
             "amp": cfg.amp,
             "channels_last": cfg.channels_last,
         }
-        run_key = bcache.stable_hash({**key_parts, "method": method.cache_key()})
-        fit_key = bcache.stable_hash({**key_parts, "method": method.fit_cache_key()})
+
+    def locate_fit(self, method: Method, repetition: int) -> tuple[int, Path]:
+        """The seed and the stage folder of ``method``'s fit in repetition ``repetition``.
+
+        Variants differing only in inference options share both (same fit identity), and so
+        does a method fitted inside another (``cam`` inside ``cam_affinitynet``, see
+        :meth:`methods.base.Context.as_method`).
+        """
+        cfg = self.cfg
+        seed = derive_seed(cfg.base_seed, cfg.dataset, method.fit_identity(), repetition)
+        fit_key = bcache.stable_hash(
+            {**self._key_parts(method, seed), "method": method.fit_cache_key()}
+        )
+        return seed, self.out / "stages" / method.name / fit_key
+
+    def open_run(self, spec: RunSpec) -> OpenRun:
+        """The method, seed, base row, keys, folders and context of a run (computes nothing)."""
+        cfg = self.cfg
+        method = create_method(spec.method_spec, preset=cfg.preset)
+        seed, fit_dir = self.locate_fit(method, spec.repetition)
+        base = self._base_row(method, spec, seed)
+        run_key = bcache.stable_hash(
+            {**self._key_parts(method, seed), "method": method.cache_key()}
+        )
         run_dir = self.out / "runs" / method.name / run_key
         (run_dir / "work").mkdir(parents=True, exist_ok=True)
         seg_key = bcache.stable_hash(
@@ -600,9 +736,10 @@ class Runner:
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             progress=sys.stderr.isatty(),
-            stage_dir=self.out / "stages" / method.name / fit_key,
+            stage_dir=fit_dir,
             budget_s=None if cfg.budget_minutes is None else cfg.budget_minutes * 60.0,
             force=cfg.force,
+            locate=functools.partial(self.locate_fit, repetition=spec.repetition),
         )
         base["run_key"] = run_key
         return OpenRun(method, seed, base, run_key, run_dir, seg_key, ctx)
@@ -648,8 +785,27 @@ class Runner:
                     "threshold": float("nan"),
                 }
             ]
-        write_rows(self.out, rows_key, rows)
+        self._store(rows_key, rows)
         return rows
+
+    def _store(self, rows_key: str, rows: list[dict[str, Any]]) -> None:
+        """Store a run's rows (a failure never replaces completed rows: see ``write_rows``).
+
+        Raises:
+            OutputError: the rows cannot be written (the message names the file; rows stored
+                before are kept and every completed stage is reused by the next run).
+        """
+        try:
+            write_rows(self.out, rows_key, rows)
+        except bcache.OutputError:
+            raise
+        except OSError as exc:
+            raise bcache.OutputError(
+                exc.errno,
+                f"cannot store result rows {exc.filename or self.out / 'results'} "
+                f"({exc.strerror or exc}); earlier rows and completed stages are kept: fix it "
+                "and run again",
+            ) from exc
 
     def _oom_reason(self, method: Method, ctx: RunContext, exc: BaseException) -> str:
         """One line: where memory ran out, at which batch size, and the option to lower it."""
@@ -702,8 +858,10 @@ class Runner:
         for part in ("train", "val", "test"):
             images = b.imageset(part, masks=method.uses_masks)
             ctx.phase = f"maps_{part}"
+            # every split's maps share the (C, h, w) of the train maps
+            like = maps["train"].shape[1:] if maps and len(images) else None
             maps[part], stage_costs[f"maps_{part}"] = compute_maps(
-                method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force
+                method, images, ctx, run_dir / "maps" / f"{part}.npy", cfg.force, like
             )
         return maps, stage_costs
 
@@ -733,7 +891,6 @@ class Runner:
         pseudo = pseudo_masks(
             maps["train"],
             threshold,
-            cfg.convention,
             pet_train,
             replaced,
             getattr(method, "pseudo_from_gt", False),
@@ -764,6 +921,7 @@ class Runner:
             lambda: train_segmenter(
                 np.asarray(images_train.images), train_masks, seg_config, seg_ctx
             ),
+            check=functools.partial(_segmenter_problem, seg_config),
         )
         stage_costs["segmenter"] = seg_ctx.costs["train"]
         model = build_segmenter(seg_config)
@@ -773,9 +931,9 @@ class Runner:
         pred_path = run_dir / "preds" / f"segmenter-{seg_key}-test.npy"
         ctx.phase = "segmenter_predict"
         with bcache.computing(pred_path):
-            if not cfg.force and bcache.read_marker(pred_path) is not None:
-                preds = bcache.load_array(pred_path)
-            else:
+            preds = None if cfg.force else self._cached_preds(pred_path, len(test))
+            if preds is None:
+                bcache.invalidate(pred_path)
                 with measure(self.device) as pred_cost:
                     preds = predict_segmenter(model, np.asarray(test.images), seg_ctx)
                 meta = {"cost": pred_cost.to_dict()}
@@ -794,56 +952,29 @@ class Runner:
             "threshold_source": source,
             "n_gt_replaced": len(replaced),
         }
-        rows: list[dict[str, Any]] = []
-        per_image: list[pd.DataFrame] = []
         names = {p: [b.cache.names[i] for i in b.index[p]] for p in ("train", "val", "test")}
         rep = set(int(i) for i in replaced)
         if getattr(method, "pseudo_from_gt", False):
             rep = set(range(n_train))
-        for convention in datasets.CONVENTIONS:
-            evaluations = {
-                ("pseudo", "train"): evaluate_soft(
-                    maps["train"],
-                    b.orig_masks("train", convention),
-                    names["train"],
-                    _convert_threshold(threshold, cfg.convention, convention),
-                    convention,
-                    rep,
-                ),
-                ("maps", "test"): evaluate_soft(
-                    maps["test"],
-                    b.orig_masks("test", convention),
-                    names["test"],
-                    _convert_threshold(threshold, cfg.convention, convention),
-                    convention,
-                ),
-                ("segmenter", "test"): evaluate_soft(
-                    preds, b.orig_masks("test", convention), names["test"], 0.5, convention
-                ),
-            }
-            for (stage, part), ev in evaluations.items():
-                for aggregation, values in (
-                    ("dataset", ev.dataset_metrics()),
-                    ("image_mean", ev.mean_image_metrics()),
-                ):
-                    for metric in (*METRICS, "miou"):
-                        if metric in values:
-                            rows.append(
-                                {
-                                    **common,
-                                    "stage": stage,
-                                    "split": part,
-                                    "convention": convention,
-                                    "aggregation": aggregation,
-                                    "metric": metric,
-                                    "value": float(values[metric]),
-                                }
-                            )
-                frame = ev.per_image()
-                frame.insert(0, "convention", convention)
-                frame.insert(0, "split", part)
-                frame.insert(0, "stage", stage)
-                per_image.append(frame)
+        used = {i: pseudo[i] for i in rep}  # the masks the segmenter trains on instead
+        scored = {  # (stage, split) -> (evaluators by convention, threshold, its source)
+            ("pseudo", "train"): (
+                evaluate_maps(maps["train"], orig_gts(b, "train"), names["train"], threshold, used),
+                threshold,
+                source,
+            ),
+            ("maps", "test"): (
+                evaluate_maps(maps["test"], orig_gts(b, "test"), names["test"], threshold),
+                threshold,
+                source,
+            ),
+            ("segmenter", "test"): (
+                evaluate_maps(preds, orig_gts(b, "test"), names["test"], SEGMENTER_THRESHOLD),
+                SEGMENTER_THRESHOLD,
+                "segmenter",
+            ),
+        }
+        rows, per_image = quality_rows(scored, common)
         for stage, cost in stage_costs.items():
             for metric, value in cost.items():
                 if metric == "reused":
@@ -851,6 +982,8 @@ class Runner:
                 rows.append(
                     {
                         **common,
+                        "threshold": float("nan"),  # a cost has no prediction
+                        "threshold_source": "",
                         "stage": stage,
                         "split": "",
                         "convention": "",
@@ -875,6 +1008,13 @@ class Runner:
         self._save_qualitative(base, seg_key, maps["test"], preds, threshold)
         return rows
 
+    def _cached_preds(self, path: Path, n_test: int) -> np.ndarray | None:
+        """The stored segmenter predictions (n_test, 1, S, S) if complete and intact, else None."""
+        if bcache.read_marker(path) is None:
+            return None
+        shape = (n_test, 1, self.bundle.size, self.bundle.size)
+        return bcache.load_checked_array(path, shape, np.float16, "predictions", unit_range=True)
+
     def _save_qualitative(
         self,
         base: dict[str, Any],
@@ -896,8 +1036,6 @@ class Runner:
         pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:QUALITATIVE_IMAGES])
         rows = test[pick]
         pet_map = np.asarray(maps[pick, 0], dtype=np.float32)
-        if self.cfg.convention == "weaktr_refinery":
-            threshold = 1.0 - threshold  # maps are pet maps; the threshold was on 1 - pet
         seg = np.asarray(preds[pick, 0], dtype=np.float32)
         arrays = {
             "method_id": np.array(base["method_id"]),
@@ -906,7 +1044,7 @@ class Runner:
             "gt": np.asarray(b.cache.masks("pet"))[rows],
             "map": pet_map.astype(np.float16),
             "pseudo": (pet_map >= threshold).astype(np.uint8),
-            "prediction": (seg >= 0.5).astype(np.uint8),
+            "prediction": (seg >= SEGMENTER_THRESHOLD).astype(np.uint8),
         }
         path = self.out / "results" / "qualitative" / f"{base['run_key']}-{seg_key}.npz"
         buf = io.BytesIO()
@@ -914,14 +1052,56 @@ class Runner:
         bcache.atomic_write_bytes(path, buf.getvalue())  # a partial file never ends in .npz
 
 
-def _convert_threshold(threshold: float, source: str, target: str) -> float:
-    """A threshold chosen on one convention's positive map, expressed on another's.
+def _segmenter_problem(config: SegmenterConfig, state: dict[str, Any]) -> str | None:
+    """Why a cached segmenter state does not load into the segmenter ``config`` builds, or None."""
+    with torch.random.fork_rng(devices=[]):  # building the model must not move the seeds
+        model = build_segmenter(config)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
+        return str(exc).splitlines()[0][:300]
+    return None
 
-    Under ``weaktr_refinery`` the positive map is 1 - pet map, so ``pos >= t`` there equals
-    ``pet <= 1 - t``; we use ``1 - t`` (ties at exactly the threshold are negligible).
+
+def quality_rows(
+    scored: Mapping[tuple[str, str], tuple[dict[str, Evaluator], float, str]],
+    common: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[pd.DataFrame]]:
+    """Tidy quality rows and per-image frames of the scored stages, convention by convention.
+
+    Each row carries the threshold its prediction was made with: the pseudo-label threshold on
+    ``pseudo`` and ``maps`` rows, :data:`SEGMENTER_THRESHOLD` on ``segmenter`` rows.
+
+    Args:
+        scored: (stage, split) -> (evaluators by convention, threshold, threshold source).
+        common: the columns every row of the run shares.
+
+    Returns:
+        ``(rows, per_image)``: rows per convention, stage, aggregation and metric; one
+        per-image frame per convention and stage.
     """
-    inverted = (source == "weaktr_refinery") != (target == "weaktr_refinery")
-    return 1.0 - threshold if inverted else threshold
+    rows: list[dict[str, Any]] = []
+    per_image: list[pd.DataFrame] = []
+    for convention in CONVENTIONS:
+        for (stage, part), (evaluators, threshold, source) in scored.items():
+            ev = evaluators[convention]
+            head = {**common, "threshold": threshold, "threshold_source": source}
+            head.update(stage=stage, split=part, convention=convention)
+            for aggregation, values in (
+                ("dataset", ev.dataset_metrics()),
+                ("image_mean", ev.mean_image_metrics()),
+            ):
+                rows.extend(
+                    {**head, "aggregation": aggregation, "metric": m, "value": float(values[m])}
+                    for m in (*METRICS, "miou")
+                    if m in values
+                )
+            frame = ev.per_image()
+            frame.insert(0, "convention", convention)
+            frame.insert(0, "split", part)
+            frame.insert(0, "stage", stage)
+            per_image.append(frame)
+    return rows, per_image
 
 
 def _json(obj: Any) -> str:

@@ -5,6 +5,12 @@ Each run writes its rows to ``<out>/results/rows/<run_key>.parquet`` and its per
 processes may therefore append at once without losing a row: they never write the same file
 unless they computed the same run, in which case the last identical write wins. Files are parsed
 as parquet (data, never code), so a results folder written by another user is safe to read.
+
+Completed rows are never replaced by a failure: rows that hold no completed status (``done`` or
+``budget``; e.g. one ``error`` row of a re-run that failed on a damaged cache file) are not
+written over a stored file of the same run that does hold completed rows. Those rows were
+computed by the identical run (same key: data, split, code, method and segmenter settings), so
+they stay the run's result; the failure is logged (and the runner keeps its traceback).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import io
 import logging
 import platform
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -20,12 +27,14 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.cache import atomic_write_bytes
+from benchmark.cache import OutputError, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 ROWS = "rows"
 PER_IMAGE = "per_image"
+#: Statuses of a completed run (a budget-cut run keeps its partial result).
+COMPLETED = ("done", "budget")
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
@@ -41,12 +50,59 @@ def write_curve(out: Path, name: str, frame: pd.DataFrame) -> Path:
     return path
 
 
+def rows_path(out: str | Path, run_key: str) -> Path:
+    """The file holding one run's result rows."""
+    return Path(out) / "results" / ROWS / f"{run_key}.parquet"
+
+
+def completed_rows(path: Path) -> int:
+    """How many rows of a stored rows file have a completed status (0 if absent or unreadable)."""
+    if not path.is_file():
+        return 0
+    try:
+        status = pd.read_parquet(path, columns=["status"])["status"]
+    except Exception:  # noqa: BLE001 - unreadable or without a status column: nothing to keep
+        return 0
+    return int(status.isin(COMPLETED).sum())
+
+
 def write_rows(out: Path, run_key: str, rows: list[dict[str, Any]]) -> Path:
-    """Write one run's result rows (replacing an earlier write of the same run)."""
-    path = Path(out) / "results" / ROWS / f"{run_key}.parquet"
+    """Write one run's result rows, replacing an earlier write of the same run.
+
+    Rows without a completed status (a failure) never replace stored completed rows: those are
+    kept, and a warning says so.
+    """
+    path = rows_path(out, run_key)
     frame = pd.DataFrame(rows)
+    failed = "status" in frame and not frame["status"].isin(COMPLETED).any()
+    kept = completed_rows(path) if failed else 0
+    if kept:
+        logger.warning(
+            "%s: kept its %d completed rows; this failure is not stored over them", path, kept
+        )
+        return path
     _write_parquet(path, frame)
     return path
+
+
+def check_writable(out: str | Path) -> None:
+    """Check, before any work, that result rows can be stored under ``out``.
+
+    Raises:
+        OutputError: ``OUT/results/rows`` cannot be created or written (read-only mount, a file
+            in its place, no permission); the message names the folder.
+    """
+    folder = Path(out) / "results" / ROWS
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            exc.errno,
+            f"cannot store result rows in {folder} ({exc.strerror or exc}); make it a writable "
+            "folder and run again (nothing was computed)",
+        ) from exc
 
 
 def write_per_image(out: Path, run_key: str, frame: pd.DataFrame) -> Path:

@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmark.config import ConfigError, RunConfig, mask_url
+from benchmark.config import ConfigError, RunConfig, mask_url, redact
 from benchmark.evaluate import METRICS, SweepCounts
 from benchmark.store import read_results, write_rows
 
@@ -134,18 +134,22 @@ def open_storage(url: str | None, out: str | Path) -> tuple[Any, str]:
     if "://" not in url:
         raise ConfigError(f"--storage: {url!r} is neither journal:PATH nor an SQLAlchemy URL")
     logger.info("Optuna storage: %s", mask_url(url))
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # a worker that dies leaves a RUNNING trial; after the grace period it is failed and
-        # retried once (its grid point or parameters, on another worker)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=60,
-            grace_period=180,
-            heartbeat_stale_trial_callback=retry,
-        )
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # a worker that dies leaves a RUNNING trial; after the grace period it is failed
+            # and retried once (its grid point or parameters, on another worker)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=retry,
+            )
+    except Exception as exc:  # noqa: BLE001 - a driver's message may quote parts of the URL
+        reason = redact(f"{type(exc).__name__}: {exc}".splitlines()[0], url)[:300]
+        raise ConfigError(f"--storage: cannot open {mask_url(url)}: {reason}") from None
     return storage, url
 
 

@@ -12,7 +12,18 @@ A cache holds, for an ordered list of image names of a dataset, at one working s
 The folder is ``root / key[:16]`` where ``key = sha256(dataset fingerprint, size, names)``: any
 change of a file, a label, the size or the name list gives a new folder. It is built in a
 temporary sibling and renamed into place (under a file lock) after the manifest is written,
-so a folder with a manifest is complete, and a folder without one is rebuilt.
+so a folder with a manifest is complete, and a folder without one is rebuilt. A temporary
+folder is removed whatever the failure (and one left by a killed build is removed by the next).
+
+Integrity. The manifest holds a BLAKE2b checksum of every file, recorded at build time and
+verified when the cache is opened (once per process and file version: path, size, mtime,
+inode); a mismatch (bytes altered on disk) or a manifest without checksums is reported with a
+warning naming the file and the cache is rebuilt by :func:`build_cache`.
+
+Disk space. Every memory-mapped array file has all its blocks reserved
+(``os.posix_fallocate``, or written zeros where that is unavailable) before it is mapped, so a
+full disk is an ``OSError`` (ENOSPC, naming the file) raised up front, never a SIGBUS while
+pixels are written into a sparse file.
 
 Undecodable images. Datasets validate every image fully at construction (the default
 ``verify="full"``), so the builder normally never meets a bad file. If it does (a file changed
@@ -23,6 +34,7 @@ address cached images through :attr:`ImageCache.names` / :meth:`ImageCache.index
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,7 +47,7 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-from numpy.lib.format import open_memmap
+from numpy.lib.format import dtype_to_descr, open_memmap, write_array_header_1_0
 from PIL import Image
 
 from datasets.conventions import DatasetError, trimap_to_mask
@@ -46,6 +58,99 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 _ARRAYS = ("images", "trimaps", "orig_trimaps", "orig_offsets", "orig_sizes", "labels")
+#: Files whose BLAKE2b checksums the manifest records.
+CHECKED = (*(f"{name}.npy" for name in _ARRAYS), "names.json")
+_CHUNK = 1 << 20
+#: (folder, file versions) of caches verified by this process.
+_verified: set[tuple[Any, ...]] = set()
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b (hex) of a file's bytes."""
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(folder: Path) -> tuple[Any, ...]:
+    """The identity of the current version of a cache folder's files (no content read)."""
+    stats = [(folder / name).stat() for name in CHECKED]
+    return (str(folder.resolve()), *((s.st_size, s.st_mtime_ns, s.st_ino) for s in stats))
+
+
+def verify_checksums(folder: Path, manifest: dict[str, Any]) -> None:
+    """Check every file of a cache folder against the checksums of its manifest.
+
+    Done once per process and file version (see :func:`_stamp`).
+
+    Raises:
+        DatasetError: no checksums in the manifest, or a file that does not match (named).
+        OSError: a file is missing or unreadable.
+    """
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or set(sums) != set(CHECKED):
+        raise DatasetError(f"{folder}: {MANIFEST} has no checksums (built by an older version?)")
+    stamp = _stamp(folder)
+    if stamp in _verified:
+        return
+    for name in CHECKED:
+        if file_digest(folder / name) != sums[name]:
+            raise DatasetError(
+                f"{folder / name} does not match its checksum in {MANIFEST} (altered on disk?)"
+            )
+    _verified.add(stamp)
+
+
+def reserve(path: Path, length: int) -> None:
+    """Make ``path`` ``length`` bytes long with every block allocated (no sparse holes).
+
+    Raises:
+        OSError: no space (ENOSPC) or another error, with ``filename`` set to ``path``.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        _allocate(fd, length)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    finally:
+        os.close(fd)
+
+
+def _allocate(fd: int, length: int) -> None:
+    """posix_fallocate where the OS and file system have it, else write the missing zeros."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None and length > 0:
+        try:
+            fallocate(fd, 0, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    start = os.fstat(fd).st_size  # the header; everything after it is written as zeros
+    os.lseek(fd, start, os.SEEK_SET)
+    zeros = bytes(min(_CHUNK, max(0, length - start)))
+    for pos in range(start, length, _CHUNK):
+        os.write(fd, zeros[: min(_CHUNK, length - pos)])
+
+
+def new_array(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new zero-filled .npy file mapped for writing, its blocks reserved before mapping.
+
+    Equivalent to ``open_memmap(path, "w+", dtype, shape)``, which extends the file sparsely:
+    on a full disk its first write into a hole kills the process with SIGBUS.
+
+    Raises:
+        OSError: no space left for the whole file (``filename`` is ``path``).
+    """
+    dtype = np.dtype(dtype)
+    header = {"descr": dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with open(path, "wb") as f:
+        write_array_header_1_0(f, header)
+        length = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    reserve(path, length)
+    return open_memmap(path, "r+")
 
 
 def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -119,7 +224,8 @@ class ImageCache:
         """Open a complete cache folder.
 
         Raises:
-            DatasetError: no manifest (an incomplete build) or unreadable / inconsistent files.
+            DatasetError: no manifest (an incomplete build), a file that does not match its
+                checksum, or unreadable / inconsistent files.
         """
         folder = Path(folder)
         try:
@@ -128,7 +234,10 @@ class ImageCache:
             raise DatasetError(
                 f"{folder}: not a complete image cache (no readable {MANIFEST}: {error})"
             ) from error
+        if not isinstance(manifest, dict):
+            raise DatasetError(f"{folder}: {MANIFEST} is not a JSON object")
         try:
+            verify_checksums(folder, manifest)
             return cls(folder, manifest)
         except (OSError, ValueError, KeyError) as error:
             raise DatasetError(f"{folder}: unreadable image cache ({error})") from error
@@ -179,9 +288,9 @@ def _write_arrays(
     sizes = np.array([dataset.image_size(r) for r in records], dtype=np.int64).reshape(n, 2)
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(sizes[:, 0] * sizes[:, 1])
-    images = open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size, 3))
-    trimaps = open_memmap(folder / "trimaps.npy", "w+", np.uint8, (n, size, size))
-    orig = open_memmap(folder / "orig_trimaps.npy", "w+", np.uint8, (int(offsets[-1]),))
+    images = new_array(folder / "images.npy", np.uint8, (n, size, size, 3))
+    trimaps = new_array(folder / "trimaps.npy", np.uint8, (n, size, size))
+    orig = new_array(folder / "orig_trimaps.npy", np.uint8, (int(offsets[-1]),))
     kept: list[int] = []
     excluded: list[dict[str, str]] = []
     for i, record in enumerate(records):
@@ -208,14 +317,12 @@ def _write_arrays(
         new_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
         new_offsets[1:] = np.cumsum(sizes[keep, 0] * sizes[keep, 1])
         for name, full in (("images", images), ("trimaps", trimaps)):
-            part = open_memmap(
-                folder / f"{name}.tmp.npy", "w+", np.uint8, (len(keep), *full.shape[1:])
-            )
+            part = new_array(folder / f"{name}.tmp.npy", np.uint8, (len(keep), *full.shape[1:]))
             for j, i in enumerate(keep):
                 part[j] = full[i]
             part.flush()
             del part
-        flat = open_memmap(folder / "orig_trimaps.tmp.npy", "w+", np.uint8, (int(new_offsets[-1]),))
+        flat = new_array(folder / "orig_trimaps.tmp.npy", np.uint8, (int(new_offsets[-1]),))
         for j, i in enumerate(keep):
             flat[new_offsets[j] : new_offsets[j + 1]] = orig[offsets[i] : offsets[i + 1]]
         flat.flush()
@@ -262,44 +369,71 @@ def build_cache(dataset: Any, names: Sequence[str], size: int, root: str | Path)
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(dataset, names, size)
     folder = root / key[:16]
-
-    def _complete() -> bool:
-        try:
-            return json.loads((folder / MANIFEST).read_text()).get("key") == key
-        except (OSError, ValueError):
-            return False
-
-    if _complete():
-        return ImageCache.open(folder)
+    cache = _reuse(folder, key)
+    if cache is not None:
+        return cache
     with FileLock(str(root / f".{key[:16]}.lock")):
-        if _complete():  # built by another process while we waited
-            return ImageCache.open(folder)
+        cache = _reuse(folder, key, quiet=True)  # built by another process while we waited?
+        if cache is not None:
+            return cache
+        for stale in root.glob(f".{key[:16]}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         if folder.exists():
-            logger.warning(
-                "image cache %s has no valid %s (interrupted build?); rebuilding", folder, MANIFEST
-            )
+            logger.warning("image cache %s is incomplete or damaged; rebuilding", folder)
             shutil.rmtree(folder)
-        tmp = root / f".{key[:16]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            kept, excluded = _write_arrays(tmp, dataset, records, size)
-            manifest = {
-                "key": key,
-                "version": CACHE_VERSION,
-                "dataset": dataset.name,
-                "fingerprint": dataset.fingerprint(),
-                "size": int(size),
-                "requested": len(names),
-                "count": len(kept),
-                "excluded": excluded,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            os.rename(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("built image cache %s: %d images at %d px", folder, len(kept), size)
+        count = _build(folder, key, dataset, records, size)
+    logger.info("built image cache %s: %d images at %d px", folder, count, size)
     return ImageCache.open(folder)
+
+
+def _reuse(folder: Path, key: str, quiet: bool = False) -> ImageCache | None:
+    """The complete, intact cache of ``key`` in ``folder``, else None (a warning if damaged)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return None
+    try:
+        return ImageCache.open(folder)
+    except DatasetError as error:
+        if not quiet:
+            logger.warning("image cache unusable: %s", error)
+        return None
+
+
+def _build(folder: Path, key: str, dataset: Any, records: list[Any], size: int) -> int:
+    """Build the cache in a temporary sibling of ``folder``, then rename it; returns its count.
+
+    The temporary folder is removed on any failure (a full disk is an OSError naming the file).
+    """
+    tmp = folder.with_name(f".{key[:16]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        kept, excluded = _write_arrays(tmp, dataset, records, size)
+        manifest = {
+            "key": key,
+            "version": CACHE_VERSION,
+            "dataset": dataset.name,
+            "fingerprint": dataset.fingerprint(),
+            "size": int(size),
+            "requested": len(records),
+            "count": len(kept),
+            "excluded": excluded,
+            "checksums": {name: file_digest(tmp / name) for name in CHECKED},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        os.rename(tmp, folder)
+    except OSError as exc:  # name the file as it would be in the cache, not in the temp folder
+        if not exc.filename or Path(exc.filename).parent != tmp:
+            raise
+        name = str(folder / Path(exc.filename).name)
+        raise OSError(exc.errno, exc.strerror or str(exc), name) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    _verified.add(_stamp(folder))  # just computed from these very files
+    return len(kept)
 
 
 def read_epoch_pil(dataset: Any, names: Sequence[str], size: int) -> np.ndarray:

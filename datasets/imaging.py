@@ -54,16 +54,39 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def open_image(path: Path) -> Image.Image:
+    """``PIL.Image.open`` whose decompression-bomb refusal is a ``ValueError``.
+
+    PIL raises ``DecompressionBombError`` (a plain ``Exception``, not an ``OSError``) for a
+    header claiming more than twice ``Image.MAX_IMAGE_PIXELS``; as a ``ValueError`` it meets
+    the ``except (OSError, ValueError, ...)`` of every caller, like any other unreadable file.
+
+    Raises:
+        OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError: unreadable header.
+    """
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image too large to decode safely ({error})") from error
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"image too large to decode safely ({error})") from error
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Fully decode an image file (format sniffed from its bytes) to (H, W, 3) uint8 RGB.
 
     Raises:
         OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError: the file cannot be
             decoded (callers turn these into a :class:`~datasets.DatasetError` or an
-            exclusion).
+            exclusion); a decompression bomb is a ``ValueError``.
     """
-    with Image.open(path) as image:
-        image.load()
+    with open_image(path) as image:
+        _load(image)
         return to_rgb(image)
 
 
@@ -92,9 +115,14 @@ def trimap_array(image: Image.Image) -> np.ndarray:
 
 
 def read_trimap(path: Path) -> np.ndarray:
-    """Read a trimap file to a 2-D uint8 array of its raw values (see :func:`trimap_array`)."""
-    with Image.open(path) as image:
-        image.load()
+    """Read a trimap file to a 2-D uint8 array of its raw values (see :func:`trimap_array`).
+
+    Raises:
+        OSError, ValueError, SyntaxError, PIL.UnidentifiedImageError: unreadable file (a
+            decompression bomb is a ``ValueError``).
+    """
+    with open_image(path) as image:
+        _load(image)
         return trimap_array(image)
 
 

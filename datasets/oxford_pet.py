@@ -211,7 +211,8 @@ class OxfordPet:
     ) -> dict[str, _ListEntry]:
         rel = self._rel(path)
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            # utf-8-sig: a byte-order mark (Windows editors) is not part of the first name
+            text = path.read_text(encoding="utf-8-sig", errors="replace")
         except OSError as error:
             raise DatasetError(f"{path}: cannot read list file: {error}") from error
         entries: dict[str, _ListEntry] = {}
@@ -297,6 +298,27 @@ class OxfordPet:
         return entries, split_of, "annotations/list.txt"
 
     # ------------------------------------------------------------------ validation
+
+    def _outside_root(self, path: Path, folder: Path) -> str | None:
+        """Why ``path`` is refused if a link takes it outside the dataset, else ``None``.
+
+        A file may be a link within the dataset root, or within its own folder's target (a
+        whole ``images/`` folder linked to another disk is fine); a link to anywhere else
+        (``images/x.jpg -> /home/me/private.jpg``) is excluded and logged, never read.
+        """
+        if not path.is_symlink():
+            return None
+        target = path.resolve()
+        allowed = (self.root.resolve(), folder.resolve())
+        if any(target.is_relative_to(base) for base in allowed):
+            return None
+        logger.warning(
+            "%s: a link to %s, outside the dataset root %s; excluded, not read",
+            self._rel(path),
+            target,
+            self.root,
+        )
+        return f"{self._rel(path)} is a link to {target}, outside the dataset root; not read"
 
     def _check_image(self, path: Path) -> tuple[list[str], list[str], tuple[int, int] | None]:
         """Problems, notes and (H, W) of one image file."""
@@ -398,10 +420,19 @@ class OxfordPet:
             if name not in entries and not line_problems:
                 reasons.append((self._rel(path), f"not in {listing}"))
             reasons.extend(line_problems)
-            image_problems, notes, size = self._check_image(path)
-            reasons.extend((self._rel(path), reason) for reason in image_problems)
             trimap_path = trimaps_dir / f"{name}.png"
-            trimap_problems = self._check_trimap(trimap_path, size)
+            outside = self._outside_root(path, images_dir)
+            if outside:
+                reasons.append((self._rel(path), outside))
+                image_problems, notes, size = [], [], None
+            else:
+                image_problems, notes, size = self._check_image(path)
+            reasons.extend((self._rel(path), reason) for reason in image_problems)
+            outside = self._outside_root(trimap_path, trimaps_dir)
+            if outside:
+                trimap_problems = [outside]
+            else:
+                trimap_problems = self._check_trimap(trimap_path, size)
             if reasons:
                 text = "; ".join([r for _, r in reasons] + notes + trimap_problems)
                 exclusions.append(Exclusion(name, reasons[0][0], text))

@@ -19,14 +19,17 @@ so that the runner can cache, time and resume each of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import math
 import numbers
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -142,6 +145,18 @@ class Context:
         """
         return compute()
 
+    @contextlib.contextmanager
+    def as_method(self, method: Method) -> Iterator[None]:
+        """Run a sub-method's ``fit`` inside this block as if it were that method's own run.
+
+        A method built on another (``cam_affinitynet`` trains a ``cam`` classifier) wraps the
+        inner ``fit`` in this block. The runner's context then uses the seed and the stage
+        folder that ``method`` has when it runs on its own, so an identical inner model is
+        trained once and shared, with the very same weights, by both runs. The default
+        context changes nothing.
+        """
+        yield
+
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU torch generator seeded from the run seed (plus ``offset``)."""
         g = torch.Generator()
@@ -200,6 +215,7 @@ class Method:
                 )
         _check_types(cls, overrides)
         values.update(overrides)
+        _check_bounds(cls, values)
         return cls.Config(**values)
 
     def params(self) -> dict[str, Any]:
@@ -303,8 +319,55 @@ def _check_types(cls: type[Method], overrides: dict[str, Any]) -> None:
             hint = getattr(hints[key], "__name__", None) or str(hints[key])
             raise ValueError(
                 f"{cls.name}: parameter {key!r} expects {hint.replace('typing.', '')}, "
-                f"got {value!r}"
+                f"got {_short(value)}"
             )
+
+
+#: Generic bounds of config fields, by name (first match wins): ``(pattern, low, high,
+#: low_open)``. Every float (also inside tuples) must be finite and every int >= 0, whatever
+#: the name.
+_BOUNDS: tuple[tuple[str, float, float | None, bool], ...] = (
+    (r"^warmup_epochs$", 0, None, False),
+    (r"epochs$", 1, None, False),  # 0 epochs would be "done" without training
+    (r"batch_size$", 1, None, False),
+    (r"steps$", 0, None, False),
+    (r"(^|_)lr$", 0.0, None, True),
+    (r"lr_mult$|weight_decay$|momentum$|power$|sigma$", 0.0, None, False),
+    (r"threshold$", 0.0, 1.0, False),
+    (r"scales$", 0.0, None, True),
+    (r"(size|stride|dim|dims|heads|depth|patch|radius|window|images)$", 1, None, False),
+)
+
+
+def _bound_of(key: str, integer: bool) -> tuple[float, float | None, bool]:
+    for pattern, low, high, low_open in _BOUNDS:
+        if re.search(pattern, key):
+            return low, high, low_open and not integer
+    return (0, None, False) if integer else (-math.inf, None, False)
+
+
+def _check_bounds(cls: type[Method], values: dict[str, Any]) -> None:
+    """Raise ValueError naming the parameter when a number is nan/inf or out of its range.
+
+    Floats must be finite everywhere (also inside tuples), ints >= 0 unless a name-based rule
+    (:data:`_BOUNDS`) says more: epochs and batch sizes >= 1, learning rates > 0, decays and
+    multipliers >= 0, thresholds in [0, 1], scales > 0, sizes >= 1.
+    """
+    for key, value in values.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        numbers_in = [
+            v for v in items if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        ]
+        if not numbers_in:
+            continue
+        low, high, low_open = _bound_of(key, isinstance(numbers_in[0], numbers.Integral))
+        for v in numbers_in:
+            if not math.isfinite(v):
+                raise ValueError(f"{cls.name}: parameter {key!r} must be finite, got {v}")
+            if v < low or (low_open and v == low) or (high is not None and v > high):
+                where = f"({low}, " if low_open else f"[{low}, "
+                where += f"{high}]" if high is not None else "inf)"
+                raise ValueError(f"{cls.name}: parameter {key!r} must be in {where}, got {v}")
 
 
 def _fmt(value: Any) -> str:
@@ -345,37 +408,105 @@ def get_method(name: str) -> type[Method]:
 
 
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\[(.*)\])?\s*$")
+#: Longest spec text echoed in an error message.
+_SHOW_LIMIT = 200
+
+
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to :data:`_SHOW_LIMIT` characters for error messages."""
+    shown = repr(value)
+    if len(shown) <= _SHOW_LIMIT:
+        return shown
+    return f"{shown[:_SHOW_LIMIT]}... ({len(shown)} characters)"
+
+
+def strict_yaml_load(text: str) -> Any:
+    """Parse one YAML document with :func:`strict_yaml_loader` (safe tags only).
+
+    Raises:
+        yaml.YAMLError: invalid YAML, an alias or anchor, a duplicate key, a Python tag.
+    """
+    loader = strict_yaml_loader()(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+@functools.cache
+def strict_yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` subclass that refuses aliases, anchors and duplicate keys.
+
+    Aliases let a few lines expand into gigabytes (a "billion laughs" document) and nothing in
+    a run config or a method spec needs them; a key given twice would silently keep only its
+    last value. Both raise ``yaml.YAMLError`` naming the line.
+    """
+    import yaml
+
+    class StrictSafeLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"YAML anchors and aliases (&{event.anchor} / *{event.anchor}) are not allowed "
+                    f"(line {event.start_mark.line + 1})",
+                    event.start_mark,
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {_short(key)} is given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictSafeLoader
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``name[k=v,...]`` into the name and typed overrides (YAML scalars)."""
-    import yaml
+    """Split ``name[k=v,...]`` into the name and typed overrides (YAML scalars).
 
+    Raises:
+        ValueError: an unparsable spec, a part that is not ``k=v``, a key given twice.
+        yaml.YAMLError: a value that is not plain YAML (tags, anchors, aliases).
+    """
     m = _SPEC.match(spec)
     if not m:
-        raise ValueError(f"cannot parse method spec {spec!r}; expected name or name[k=v,...]")
+        raise ValueError(f"cannot parse method spec {_short(spec)}; expected name or name[k=v,...]")
     name, inner = m.group(1), m.group(2)
     overrides: dict[str, Any] = {}
     if inner:
         for part in _split_top(inner):
             if "=" not in part:
-                raise ValueError(f"method spec {spec!r}: {part!r} is not k=v")
-            key, raw = part.split("=", 1)
-            value = _scalar(raw.strip(), yaml)
+                raise ValueError(f"method spec {_short(spec)}: {_short(part)} is not k=v")
+            key, raw = (t.strip() for t in part.split("=", 1))
+            if key in overrides:
+                raise ValueError(f"method spec {_short(spec)}: parameter {key!r} is given twice")
+            value = _scalar(raw)
             if isinstance(value, list):
                 value = tuple(value)
-            overrides[key.strip()] = value
+            overrides[key] = value
     return name, overrides
 
 
-def _scalar(raw: str, yaml: Any) -> Any:
+def _scalar(raw: str) -> Any:
     """A typed value: numbers first (YAML 1.1 reads ``5e-4`` as a string), then YAML."""
     for cast in (int, float):
         try:
             return cast(raw)
         except ValueError:
             pass
-    return yaml.safe_load(raw.replace("(", "[").replace(")", "]"))
+    return strict_yaml_load(raw.replace("(", "[").replace(")", "]"))
 
 
 def _split_top(text: str) -> list[str]:

@@ -9,6 +9,7 @@ rendering is headless and leaves the caller's matplotlib state alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -24,6 +25,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from benchmark.cache import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +71,21 @@ def new_figure(height_in: float, width_in: float = COLUMN_IN) -> Figure:
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
-    """Save ``stem.png`` (200 dpi) and ``stem.pdf``; the pixel size is exactly figsize x dpi."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Save ``stem.png`` (200 dpi) and ``stem.pdf``; the pixel size is exactly figsize x dpi.
+
+    Each file is rendered in memory and written atomically (temporary file, fsync, rename), so
+    a full disk leaves the previous figure or none, never a truncated one.
+
+    Raises:
+        benchmark.cache.DiskFullError: the disk is full (one line in the CLI, exit 1).
+    """
     paths = []
     for fmt in FORMATS:
         path = stem.with_suffix(f".{fmt}")
         meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(path, format=fmt, dpi=DPI, metadata=meta)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=DPI, metadata=meta)
+        atomic_write_bytes(path, buffer.getvalue())
         paths.append(path)
     logger.debug("figure written: %s", stem)
     return paths

@@ -25,15 +25,19 @@ from benchmark.cache import atomic_write_text
 from reports import figures, stats
 from reports.data import ReportData, load
 from reports.tables import (
+    ALL_FOREGROUND,
     METRIC_ORDER,
     at_ratio,
     conventions_table,
     cost_table,
     failed_runs,
+    flag_all_foreground,
     format_table,
     frame_table,
+    is_all_foreground,
     mixed_table,
     primary_ratio,
+    pseudo_thresholds,
     summarize,
     with_failures,
 )
@@ -43,13 +47,17 @@ logger = logging.getLogger(__name__)
 CONVENTION = "pet"
 UPPER_BOUND = "supervised"  # the fully supervised reference: a ceiling, not a baseline to beat
 CI_COLUMN = {"iou_ci": "IoU 95 % CI"}
+#: The main table's pseudo-label threshold column (read from the pseudo rows).
+PSEUDO_THRESHOLD_COLUMN = {"pseudo_threshold": "pseudo thr."}
 
 
 def main_table_text(rows: pd.DataFrame, convention: str = "pet") -> str:
     """The main table (segmenter on test, dataset-level) as Markdown, for the terminal."""
     rows = at_ratio(rows, primary_ratio(rows))
     summary = with_failures(summarize(rows, "segmenter", "test", convention), rows)
+    summary = flag_all_foreground(summary, rows, "segmenter", "test")
     pseudo = summarize(rows, "pseudo", "train", convention)
+    pseudo = flag_all_foreground(pseudo, rows, "pseudo", "train")
     text = "Segmenter on test (" + convention + ", dataset-level, %):\n"
     text += format_table(summary)
     text += "\nPseudo masks on train (" + convention + ", dataset-level, %):\n"
@@ -128,7 +136,7 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     ratio = primary_ratio(data.rows)
     rows = at_ratio(data.rows, ratio)
     per_image = _per_image_at(data.per_image, ratio)
-    main = with_failures(summarize(rows, "segmenter", "test", CONVENTION), rows)
+    main = main_summary(rows)
     sig = stats.significance(stats.select(per_image, "segmenter", "test", CONVENTION), main)
     cost = cost_table(rows)
     palette = figures.method_palette([str(m) for m in main.index])
@@ -155,6 +163,20 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     return path
 
 
+def main_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """The main table's summary: segmenter on test, with its failures, flags and thresholds.
+
+    Failed runs are listed (:func:`with_failures`), methods that equal all_foreground flagged
+    (:func:`flag_all_foreground`), and each method's pseudo-label threshold is read from its
+    pseudo rows (segmenter rows carry the segmenter's own threshold).
+    """
+    main = with_failures(summarize(rows, "segmenter", "test", CONVENTION), rows)
+    main = flag_all_foreground(main, rows, "segmenter", "test")
+    if main.empty:
+        return main
+    return main.assign(pseudo_threshold=pseudo_thresholds(rows).reindex(main.index))
+
+
 def _per_image_at(per_image: pd.DataFrame, ratio: float | None) -> pd.DataFrame:
     if per_image.empty or ratio is None or "gt_ratio" not in per_image:
         return per_image
@@ -175,8 +197,9 @@ def _main_sections(
     marks = sig.marks()
     main = main.assign(iou_ci=[sig.ci_text(str(m)) for m in main.index])
     csv = main.join(sig.table, how="left") if not sig.table.empty else main
-    md = format_table(main, extra=CI_COLUMN, marks=marks)
-    tex = format_table(main, style="latex", extra=CI_COLUMN, marks=marks)
+    extra = {**PSEUDO_THRESHOLD_COLUMN, **CI_COLUMN}
+    md = format_table(main, extra=extra, marks=marks)
+    tex = format_table(main, style="latex", extra=extra, marks=marks)
     where = f" at gt_ratio {ratio:g}" if ratio is not None else ""
     w.section(
         f"Segmenter on test{where} (primary: dataset-level IoU of the pet class, %)",
@@ -198,6 +221,7 @@ def _main_sections(
             w.figure(paths, "Test IoU per method; whiskers: 95 % bootstrap CI over test images.")
         )
     pseudo = with_failures(summarize(rows, "pseudo", "train", CONVENTION), rows)
+    pseudo = flag_all_foreground(pseudo, rows, "pseudo", "train")
     psig = stats.significance(stats.select(per_image, "pseudo", "train", CONVENTION), pseudo)
     pseudo = pseudo.assign(iou_ci=[psig.ci_text(str(m)) for m in pseudo.index])
     extra = {"threshold": "thr.", **CI_COLUMN}
@@ -215,12 +239,17 @@ def _main_sections(
         (
             "maps_test",
             "Method maps on test at the validation threshold",
-            summarize(rows, "maps", "test", CONVENTION),
+            flag_all_foreground(summarize(rows, "maps", "test", CONVENTION), rows, "maps", "test"),
         ),
         (
             "main_image_mean",
             "Segmenter on test, mean of per-image scores",
-            summarize(rows, "segmenter", "test", CONVENTION, "image_mean"),
+            flag_all_foreground(
+                summarize(rows, "segmenter", "test", CONVENTION, "image_mean"),
+                rows,
+                "segmenter",
+                "test",
+            ),
         ),
     ):
         w.section(
@@ -284,6 +313,7 @@ def _conventions_section(w: _Writer, rows: pd.DataFrame, per_image: pd.DataFrame
     summary, convs = conventions_table(rows, background)
     if summary.empty:
         return
+    summary = flag_all_foreground(summary, rows, "segmenter", "test")
     md = format_table(summary, metrics=tuple(convs), labels={c: f"`{c}`" for c in convs})
     tex = format_table(summary, metrics=tuple(convs), style="latex", labels={})
     text = (
@@ -424,10 +454,12 @@ def _reading(main: pd.DataFrame, sig: stats.Significance, cost: pd.DataFrame) ->
     if main.empty or "iou_mean" not in main:
         return "No successful run to read.\n"
     scored = main[main["iou_mean"].notna()]
-    methods = scored[scored["kind"] == "method"].sort_values("iou_mean", ascending=False)
+    methods = scored[(scored["kind"] == "method") & ~is_all_foreground(scored)]
+    methods = methods.sort_values("iou_mean", ascending=False)
     refs = scored[scored["kind"] == "reference"]
+    nothing = _all_foreground_text(scored[scored["kind"] == "method"])
     if methods.empty:
-        return "Only references ran successfully: nothing to compare.\n"
+        return (nothing.strip() or "Only references ran successfully: nothing to compare.") + "\n"
     win = str(methods.index[0])
     iou = 100 * methods["iou_mean"].iloc[0]
     ci = sig.ci_text(win)
@@ -457,7 +489,33 @@ def _reading(main: pd.DataFrame, sig: stats.Significance, cost: pd.DataFrame) ->
             other = float(cost.loc[str(methods.index[1]), "total"])
             text += f" (`{methods.index[1]}`: {_seconds(other)})"
         text += "."
-    return text + "\n"
+    return text + nothing + "\n"
+
+
+def _all_foreground_text(methods: pd.DataFrame) -> str:
+    """One sentence per method that equals all_foreground in some seed (empty if none)."""
+    text = ""
+    flat = is_all_foreground(methods)
+    for method_id, row in methods.iterrows():
+        k = row.get("n_all_foreground", 0)
+        if not k or not np.isfinite(k):
+            continue
+        if flat[method_id]:
+            thr = row.get("pseudo_threshold", np.nan)
+            at = f" (pseudo-label threshold {thr:.2f})" if np.isfinite(thr) else ""
+            own = row.get("n_pet_everywhere", 0) >= row["n_seeds"]
+            what = "test predictions" if own else "pseudo masks"
+            text += (
+                f" `{method_id}` learned nothing measurable: its {what} are pet everywhere{at}, "
+                f"exactly those of the `{ALL_FOREGROUND}` reference; it is not ranked."
+            )
+        else:
+            text += (
+                f" `{method_id}` scores exactly as `{ALL_FOREGROUND}` in {int(k)} of its "
+                f"{int(row['n_seeds'])} seeds (masks pet everywhere): its mean includes results "
+                "that learned nothing measurable."
+            )
+    return text
 
 
 def _p_text(sig: stats.Significance, method_id: str) -> str:

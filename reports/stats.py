@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from reports.tables import is_all_foreground
+
 logger = logging.getLogger(__name__)
 
 N_RESAMPLES = 2000
@@ -148,14 +150,17 @@ def significance(per_image: pd.DataFrame, summary: pd.DataFrame) -> Significance
     Args:
         per_image: per-image rows of one stage/split/convention (see :func:`select`).
         summary: the table's summary (``kind`` and ``iou_mean`` per method_id); the best is
-            the method (kind ``method``) of highest ``iou_mean``.
+            the method (kind ``method``) of highest ``iou_mean`` that does not equal
+            all_foreground (see :func:`reports.tables.flag_all_foreground`).
 
     Returns:
         A :class:`Significance`; empty when there are no per-image rows.
     """
     if per_image.empty or summary.empty or "iou_mean" not in summary:
         return Significance(pd.DataFrame(), None)
-    methods = summary[(summary["kind"] == "method") & summary["iou_mean"].notna()]
+    methods = summary[
+        (summary["kind"] == "method") & summary["iou_mean"].notna() & ~is_all_foreground(summary)
+    ]
     best = str(methods["iou_mean"].idxmax()) if len(methods) else None
     records = []
     for method_id in summary.index:

@@ -29,6 +29,8 @@ OK_STATUS = ("done", "budget")
 FAILED_STATUS = ("error", "skipped")
 STAGE_ORDER = ("fit", "maps_train", "maps_val", "maps_test", "segmenter", "segmenter_predict")
 RULE = ["---"]  # marks the line between methods and references in a cell grid
+#: The trivial reference a degenerate method equals (see :func:`all_foreground_seeds`).
+ALL_FOREGROUND = "all_foreground"
 
 
 def _ok(rows: pd.DataFrame) -> pd.DataFrame:
@@ -96,6 +98,110 @@ def summarize(
     return out.sort_values(["kind", f"{metrics[0]}_mean"], ascending=[True, False])
 
 
+def pseudo_thresholds(rows: pd.DataFrame) -> pd.Series:
+    """The pseudo-label threshold of each method_id (mean over seeds), read from its pseudo rows.
+
+    Segmenter rows carry the threshold of the segmenter's own prediction, not this one.
+    """
+    sel = _ok(rows) if not rows.empty else rows
+    if sel.empty or "threshold" not in sel:
+        return pd.Series(dtype=float)
+    sel = sel[(sel["stage"] == "pseudo") & (sel["split"] == "train")]
+    return sel.groupby("method_id")["threshold"].mean()
+
+
+def all_foreground_runs(rows: pd.DataFrame, stage: str, split: str) -> pd.Series:
+    """Per (method_id, seed): are its ``stage`` predictions on ``split`` pet on every pixel?
+
+    Such predictions (e.g. at a validation threshold of 0.00) score exactly as the
+    ``all_foreground`` reference. Read from the dataset-level ``pet`` rows: recall 1 means no
+    pet pixel was missed (FN = 0), and accuracy equal to precision then means TN * FP = 0, i.e.
+    no background pixel was predicted as background (TN = 0) unless nothing was wrong at all
+    (FP = 0), which IoU < 1 excludes. The test is exact: with FN = TN = 0 accuracy and
+    precision are the same division TP / (TP + FP).
+
+    Returns:
+        bool Series indexed by (method_id, seed); empty when no such rows exist.
+    """
+    sel = _ok(rows) if not rows.empty else rows
+    if sel.empty or "seed" not in sel:
+        return pd.Series(dtype=bool)
+    sel = sel[
+        (sel["stage"] == stage)
+        & (sel["split"] == split)
+        & (sel["convention"] == "pet")
+        & (sel["aggregation"] == "dataset")
+        & sel["metric"].isin(["iou", "accuracy", "precision", "recall"])
+    ]
+    if sel.empty:
+        return _no_runs()
+    wide = sel.pivot_table(
+        index=["method_id", "seed"], columns="metric", values="value", aggfunc="first"
+    )
+    if not {"iou", "accuracy", "precision", "recall"} <= set(wide.columns):
+        return _no_runs()
+    return (wide["recall"] == 1.0) & (wide["accuracy"] == wide["precision"]) & (wide["iou"] < 1)
+
+
+def _no_runs() -> pd.Series:
+    """An empty (method_id, seed) -> bool series, aligned with :func:`all_foreground_runs`."""
+    index = pd.MultiIndex.from_arrays([[], []], names=["method_id", "seed"])
+    return pd.Series([], index=index, dtype=bool)
+
+
+def all_foreground_seeds(rows: pd.DataFrame, stage: str, split: str) -> pd.Series:
+    """Per method_id, how many of its seeds learned nothing measurable (as all_foreground).
+
+    A seed counts when its pseudo masks on train, or its ``stage`` predictions on ``split``,
+    are pet everywhere (see :func:`all_foreground_runs`).
+
+    Returns:
+        method_id -> number of such seeds (methods without any are absent or 0).
+    """
+    own = all_foreground_runs(rows, stage, split)
+    pseudo = all_foreground_runs(rows, "pseudo", "train")
+    both = pd.concat([own, pseudo], axis=1).fillna(False).astype(bool)
+    if both.empty:
+        return pd.Series(dtype=int)
+    return both.any(axis=1).groupby(level="method_id").sum().astype(int)
+
+
+def flag_all_foreground(
+    summary: pd.DataFrame, rows: pd.DataFrame, stage: str, split: str
+) -> pd.DataFrame:
+    """Flag the methods of a summary that equal all_foreground.
+
+    Adds ``n_all_foreground`` (seeds whose pseudo masks or ``stage`` predictions are pet
+    everywhere, :func:`all_foreground_seeds`) and ``n_pet_everywhere`` (seeds whose ``stage``
+    predictions are). Methods whose every seed is flagged are moved below the other methods
+    (their order is kept otherwise); :func:`format_table` marks them and never makes them the
+    best. References are never flagged (``all_foreground`` is one).
+    """
+    if summary.empty or "kind" not in summary:
+        return summary
+    method = summary["kind"] == "method"
+    counts = all_foreground_seeds(rows, stage, split).reindex(summary.index).fillna(0)
+    own = all_foreground_runs(rows, stage, split)
+    own = own.groupby(level="method_id").sum() if len(own) else pd.Series(dtype=int)
+    out = summary.assign(
+        n_all_foreground=counts.astype(int).where(method, 0),
+        n_pet_everywhere=own.reindex(summary.index).fillna(0).astype(int).where(method, 0),
+    )
+    return (
+        out.assign(_flat=is_all_foreground(out))
+        .sort_values(["kind", "_flat"], kind="stable")
+        .drop(columns="_flat")
+    )
+
+
+def is_all_foreground(summary: pd.DataFrame) -> pd.Series:
+    """Per row of a summary: every one of its seeds equals all_foreground (False if unknown)."""
+    if "n_all_foreground" not in summary or "n_seeds" not in summary:
+        return pd.Series(False, index=summary.index)
+    n = summary["n_all_foreground"].fillna(0)
+    return (n > 0) & (n >= summary["n_seeds"].fillna(0))
+
+
 def failed_runs(rows: pd.DataFrame) -> pd.DataFrame:
     """Runs that ended in error or were skipped, with their reasons."""
     if rows.empty or "status" not in rows:
@@ -148,7 +254,9 @@ def format_table(
 
     The best value per column is searched among methods only (kind ``method``); references
     (supervised, centre prior, all-foreground) are listed below a rule. Failed runs (status
-    ``error``, see :func:`with_failures`) are listed with a dash instead of values.
+    ``error``, see :func:`with_failures`) are listed with a dash instead of values. A method
+    that equals all_foreground (see :func:`flag_all_foreground`) is marked
+    ``(= all_foreground)`` next to its first value and is never the best.
 
     Args:
         summary: a frame from :func:`summarize` (optionally through :func:`with_failures`).
@@ -180,7 +288,7 @@ def format_table(
 
 
 def _best_values(summary: pd.DataFrame, metrics: Sequence[str]) -> dict[str, float]:
-    methods_only = summary[summary["kind"] == "method"]
+    methods_only = summary[(summary["kind"] == "method") & ~is_all_foreground(summary)]
     best: dict[str, float] = {}
     for m in metrics:
         col = f"{m}_mean"
@@ -215,10 +323,13 @@ def _row_cells(
             cells.append(dash)
             continue
         cell = _cell(mean, std, style)
-        if row.get("kind") == "method" and m in best and np.isclose(mean, best[m]):
+        flat = _all_foreground_note(row)
+        if row.get("kind") == "method" and m in best and np.isclose(mean, best[m]) and not flat:
             cell = f"**{cell}**" if style == "markdown" else f"\\textbf{{{cell}}}"
         if i == 0 and marks and method_id in marks:
             cell += _mark(marks[method_id], style)
+        if i == 0 and flat:
+            cell += " " + _escape(flat, style)
         cells.append(cell)
     for col in extra:
         value = row.get(col, np.nan)
@@ -230,6 +341,23 @@ def _row_cells(
 
 
 MARK_SYMBOL = {"dagger": ("†", "$^\\dagger$")}
+
+
+def _all_foreground_note(row: pd.Series) -> str:
+    """The mark of a method that equals all_foreground (see :func:`flag_all_foreground`).
+
+    ``(= all_foreground)`` where its own predictions are pet everywhere, ``(pseudo masks =
+    all_foreground)`` where its pseudo masks are, ``(= all_foreground in k/n seeds)`` where only
+    some seeds are; empty otherwise.
+    """
+    k, n = row.get("n_all_foreground", 0), row.get("n_seeds", 0)
+    if not isinstance(k, (int, np.integer, float)) or not k or np.isnan(k):
+        return ""
+    if k < n:
+        return f"(= {ALL_FOREGROUND} in {int(k)}/{int(n)} seeds)"
+    if row.get("n_pet_everywhere", 0) >= n:
+        return f"(= {ALL_FOREGROUND})"
+    return f"(pseudo masks = {ALL_FOREGROUND})"
 
 
 def _mark(mark: str, style: str) -> str:

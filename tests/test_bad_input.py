@@ -10,8 +10,10 @@ code 2, before any work starts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +111,10 @@ CASES: dict[str, tuple[Callable[[Path, str], None], str]] = {
     ),
     "decompression_bomb": (
         lambda r, n: _png_header_only(r / "images" / f"{n}.jpg", 40000, 40000),
+        "too large to decode safely",
+    ),
+    "trimap_decompression_bomb": (  # DecompressionBombError is not an OSError (issue 15)
+        lambda r, n: _png_header_only(_trimap(r, n), 40000, 40000),
         "too large to decode safely",
     ),
     "trimap_size_mismatch": (_resize_trimap, "trimap size"),
@@ -277,10 +283,30 @@ def _one_line_error(capsys, argv: list[str]) -> str:
         (["--split", "random"], ("--split",)),
         (["--device", "quantum"], ("--device",)),
         (["--config", "/nonexistent/run.yaml"], ("--config", "not found")),
+        # issue 15: nan / inf pass every comparison; out-of-range method values; empty lists
+        (["--val-fraction", "nan"], ("--val-fraction", "finite", "nan")),
+        (["--gt-ratio", "nan"], ("--gt-ratio", "finite")),
+        (["--threshold", "nan"], ("--threshold", "finite")),
+        (["--budget-minutes", "inf"], ("--budget-minutes", "finite")),
+        (["--methods", "cam[lr=.nan]"], ("--methods", "'lr' must be finite")),
+        (["--methods", "cam[lr=nan]"], ("--methods", "'lr' must be finite")),
+        (["--methods", "cam[lr=-1e-3]"], ("--methods", "'lr' must be in (0.0, inf)")),
+        (["--methods", "cam[epochs=-5]"], ("--methods", "'epochs' must be in [1, inf)", "-5")),
+        (["--methods", "cam[epochs=0]"], ("--methods", "'epochs'")),
+        (["--methods", "cam[batch_size=0]"], ("--methods", "'batch_size'")),
+        (["--methods", "cam[min_steps=-1]"], ("--methods", "'min_steps'")),
+        (["--methods", "cam[tta_scales=(1.0,.inf)]"], ("--methods", "'tta_scales'", "finite")),
+        (["--methods", "cam_affinitynet[fg_threshold=1.5]"], ("--methods", "'fg_threshold'")),
+        (["--methods", "cam[epochs=1,epochs=2]"], ("--methods", "'epochs' is given twice")),
+        (["--methods", ","], ("--methods", "no method")),
+        (["--methods", " , ", ","], ("--methods", "no method")),
     ],
 )
 def test_bad_option_is_one_line_exit_2(args, needles, capsys, tmp_path):
-    err = _one_line_error(capsys, ["run", "--out", str(tmp_path / "out"), *args])
+    # tiny: should validation ever let a bad value through, the run started is a small one
+    err = _one_line_error(
+        capsys, ["run", "--preset", "tiny", "--out", str(tmp_path / "out"), *args]
+    )
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (tmp_path / "out").exists()  # nothing started
@@ -305,12 +331,198 @@ def test_bad_option_is_one_line_exit_2(args, needles, capsys, tmp_path):
         ("bogus_key: 3\nseeds: 1\n", ("--config", "unknown key 'bogus_key'", "valid keys")),
         ("- cam\n- cnn\n", ("--config", "mapping")),
         ("seeds: [1, 2\n", ("--config", "not valid YAML")),
+        ("seeds: 1\nseeds: 2\n", ("--config", "'seeds' is given twice", "line 2")),
+        ("base_seed: 1\nbase-seed: 2\n", ("--config", "'base-seed' is given twice")),
+        ("val_fraction: .nan\n", ("--val-fraction", "finite")),
+        ("threshold: .inf\n", ("--threshold", "finite")),
+        ("methods: ['cam[epochs=-5]']\n", ("--methods", "'epochs' must be in [1, inf)")),
+        ("methods: [',']\n", ("--methods", "no method")),
     ],
 )
 def test_bad_yaml_is_one_line_exit_2(text, needles, capsys, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(text)
-    err = _one_line_error(capsys, ["run", "--out", str(tmp_path / "out"), "--config", str(config)])
+    err = _one_line_error(
+        capsys, ["run", "--preset", "tiny", "--out", str(tmp_path / "out"), "--config", str(config)]
+    )
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (tmp_path / "out").exists()
+
+
+# ---- issue 15: more bad input, each one line (or one exclusion) ------------------------------
+def _run_args(pets: Path, out: Path, *extra: str) -> list[str]:
+    """A fast real run on the small dataset (no segmenter epochs, no report)."""
+    return ["run", "--dataset", "oxford_pet", "--data-root", str(pets), "--preset", "tiny",
+            "--methods", "all_foreground", "--segmenter-epochs", "0", "--device", "cpu",
+            "--no-report", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_decompression_bomb_trimap_in_check_and_run(pets, tmp_path, capsys):
+    """A trimap whose header claims 40000 x 40000: excluded with a reason, no traceback."""
+    victim = _names(pets)[0]
+    _png_header_only(_trimap(pets, victim), 40000, 40000)
+    assert main(["datasets", "check", "--root", str(pets)]) == 0
+    printed = capsys.readouterr().out
+    assert f"- {victim} (annotations/trimaps/{victim}.png)" in printed
+    assert "too large to decode safely" in printed
+    assert main(_run_args(pets, tmp_path / "out")) == 0
+    manifest = json.loads((tmp_path / "out" / "data" / "oxford_pet-manifest.json").read_text())
+    reasons = {e["name"]: e["reason"] for e in manifest["excluded"]}
+    assert "too large to decode safely" in reasons[victim]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("list_name", ["list.txt", "trainval.txt", "test.txt"])
+def test_byte_order_mark_in_a_list_file(list_name, pets):
+    """A UTF-8 BOM (Windows editors) before the first name: no exclusion, no phantom name."""
+    before = OxfordPet(pets).check()
+    path = pets / "annotations" / list_name
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("#")]
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+    ds = OxfordPet(pets)
+    assert ds.exclusions == [], ds.exclusions
+    assert ds.check() == before  # same usable images, same official splits
+
+
+def test_binary_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(bytes(range(256)) * 8)  # not UTF-8 (UnicodeDecodeError before)
+    err = _one_line_error(
+        capsys, ["run", "--preset", "tiny", "--out", str(tmp_path / "out"), "--config", str(config)]
+    )
+    assert "--config" in err and "not a UTF-8 text file" in err
+    config.write_bytes(b"seeds: 1\n" + b"#" * (2 << 20))  # far too big for a run config
+    err = _one_line_error(
+        capsys, ["run", "--preset", "tiny", "--out", str(tmp_path / "out"), "--config", str(config)]
+    )
+    assert "--config" in err and "bytes, not a run config" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    for out in (taken, taken / "below"):
+        err = _one_line_error(capsys, ["run", "--preset", "tiny", "--out", str(out)])
+        assert err.startswith("error: --out:") and str(taken) in err
+    assert taken.read_text() == "a file, not a folder"
+
+
+@pytest.fixture(params=["read_only_mount", "no_write_permission"])
+def unwritable(request, tmp_path) -> Path:
+    """A folder this process cannot write: a read-only bind mount (root) or mode 0555 (others).
+
+    Root ignores file modes, so as root the mount variant runs and the other is skipped; as
+    another user, the other way round (unless mounting is allowed).
+    """
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if request.param == "no_write_permission":
+        if os.geteuid() == 0:
+            pytest.skip("root writes through file modes; the read-only mount covers it")
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mount = shutil.which("mount")
+    if os.geteuid() != 0 or not mount:
+        pytest.skip("a read-only bind mount needs root and mount(8)")
+    ran = subprocess.run([mount, "--bind", str(folder), str(folder)], capture_output=True)
+    if ran.returncode != 0:
+        pytest.skip(f"bind mount not permitted here: {ran.stderr.decode().strip()}")
+    try:
+        ro = subprocess.run(
+            [mount, "-o", "remount,bind,ro", str(folder)], capture_output=True, check=False
+        )
+        if ro.returncode != 0:
+            pytest.skip(f"read-only remount not permitted: {ro.stderr.decode().strip()}")
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_out_on_a_read_only_location_is_one_line(unwritable, finished_run, capsys):
+    for out in (unwritable, unwritable / "new" / "out"):
+        err = _one_line_error(capsys, ["run", "--preset", "tiny", "--out", str(out)])
+        assert err.startswith(f"error: --out: cannot write to {out}"), err
+    err = _one_line_error(
+        capsys, ["report", "--out", str(finished_run), "--report-dir", str(unwritable)]
+    )
+    assert err.startswith("error: --report-dir: cannot write to"), err
+
+
+@pytest.fixture(scope="module")
+def finished_run(source, tmp_path_factory) -> Path:
+    """The output folder of a finished fast run (real rows, curves and costs); never modified."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert main(_run_args(source, out)) == 0
+    return out
+
+
+def test_report_on_a_full_disk_is_one_line(finished_run, tmp_path, capsys, monkeypatch):
+    """Figures go through the atomic writer: disk full is one line, exit 1, no partial file."""
+    from benchmark import faults
+
+    out = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "enospc@write:*/figures/*.png")
+    code = main(["report", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: disk full") and "/figures/" in err
+    assert not list((out / "report").rglob("*.tmp")) and not list((out / "report").rglob("*.png"))
+    monkeypatch.delenv(faults.ENV)
+    assert main(["report", "--out", str(out)]) == 0  # free space, run again: complete
+    assert list((out / "report" / "figures").glob("*.png"))
+
+
+def test_report_without_results_is_an_error(tmp_path, capsys):
+    err = _one_line_error(capsys, ["report", "--out", str(tmp_path / "typo")])
+    assert "--out" in err and "not a folder" in err
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    err = _one_line_error(capsys, ["report", "--out", str(tmp_path / "empty")])
+    assert "no results" in err
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+@pytest.mark.parametrize(("action", "code", "text"), [
+    ("term", 143, "interrupted by SIGTERM; completed stages are kept, re-run the same command"),
+    ("int", 130, "interrupted (Ctrl-C); completed stages are kept, re-run the same command"),
+])  # fmt: skip
+def test_signal_is_one_line(action, code, text, pets, tmp_path, capsys, monkeypatch):
+    """A real SIGTERM / SIGINT sent while the run writes its data manifest."""
+    import signal
+
+    from benchmark import faults
+
+    before = signal.getsignal(signal.SIGTERM)
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, f"{action}@write:*-manifest.json")
+    assert main(_run_args(pets, tmp_path / "out")) == code
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith(text) and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+    assert not list((tmp_path / "out").rglob("*.tmp"))  # the write in flight was cleaned up
+    monkeypatch.delenv(faults.ENV)
+    assert main(_run_args(pets, tmp_path / "out")) == 0  # the same command resumes
+
+
+def test_sigterm_exit_status_of_the_process(pets, tmp_path):
+    """``python -m benchmark`` itself exits 143 with one line (a scheduler's cancel)."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WSSS_FAULT": "term@write:*-manifest.json", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmark", *_run_args(pets, tmp_path / "out")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 143, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGTERM") and "Traceback" not in done.stderr

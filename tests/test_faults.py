@@ -413,3 +413,288 @@ def test_failed_result_write_leaves_no_partial_file_under_a_readable_name(tmp_pa
     with pytest.raises(OSError):
         store.write_curve(tmp_path, "k", pd.DataFrame({"threshold": [0.5], "iou": [0.7]}))
     assert not list(curves.glob("*.parquet")), "a half-written curve file can be read"
+
+
+# ---- issue 15: damaged markers, wrong-shaped cache files, rows never replaced by a failure ----
+def _cam_run(out: Path) -> Path:
+    return next((out / "runs" / "cam").iterdir())
+
+
+def _row_files(out: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in (out / "results" / "rows").glob("*.parquet")}
+
+
+def _good_marker(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(path.with_name(path.name + ".done.json").read_text())
+
+
+MALFORMED_MARKERS = {
+    "list": lambda good: [],
+    "null": lambda good: None,
+    "string": lambda good: "done",
+    "size_as_text": lambda good: {**good, "size": str(good["size"])},
+    "size_as_bool": lambda good: {**good, "size": True},
+    "sha256_missing": lambda good: {"size": good["size"], "meta": good["meta"]},
+    "meta_list": lambda good: {**good, "meta": []},
+    "cost_list": lambda good: {**good, "meta": {"cost": []}},
+    "cost_text_value": lambda good: {**good, "meta": {"cost": {"wall_s": "fast"}}},
+    "budget_hit_text": lambda good: {**good, "meta": {**good["meta"], "budget_hit": "no"}},
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_MARKERS))
+def test_malformed_marker_is_a_missing_marker(case, tmp_path, caplog):
+    """Item 2: a marker that is not the object write_with_marker writes is absent (warned)."""
+    import json
+
+    path = tmp_path / "val.npy"
+    bcache.save_array(path, np.zeros((2, 1, 4, 4), np.float16), {"cost": {"wall_s": 1.0}})
+    marker = path.with_name("val.npy.done.json")
+    marker.write_text(json.dumps(MALFORMED_MARKERS[case](_good_marker(path))))
+    with caplog.at_level(logging.WARNING, logger="benchmark.cache"):
+        assert bcache.read_marker(path) is None
+    assert str(marker) in caplog.text and "malformed" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["[]", "null"])
+def test_malformed_map_marker_is_recomputed_and_rows_kept(content, reference, tmp_path, caplog):
+    """Item 2: ``[]``/``null`` in a done marker of a finished folder: recomputed, nothing lost."""
+    out = _copy(reference, tmp_path / "out")
+    marker = _cam_run(out) / "maps" / "val.npy.done.json"
+    marker.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="benchmark.cache"):
+        rows = Runner(_cfg(out, ["cam"])).run_all()
+    assert set(rows["status"]) == {"done"}, rows["reason"].iloc[0]
+    assert str(marker) in caplog.text and "malformed" in caplog.text
+    flags = _reused(rows, "cam")
+    assert not flags["maps_val"] and flags["maps_train"] and flags["segmenter"]
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])
+    _assert_cache_sound(out)
+
+
+def test_a_failing_rerun_never_replaces_completed_rows(reference, tmp_path, monkeypatch, caplog):
+    """Item 2: a failure of a run whose rows are stored keeps those rows; it is logged."""
+    out = _copy(reference, tmp_path / "out")
+    before = _row_files(out)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure on re-run")
+
+    monkeypatch.setattr("benchmark.runner.choose_threshold", broken)
+    with caplog.at_level(logging.WARNING):
+        rows = Runner(_cfg(out, ["cam"])).run_all()
+    assert list(rows["status"]) == ["error"]  # this invocation failed, and says so
+    assert "simulated failure" in rows["reason"].iloc[0]
+    assert (_cam_run(out) / "error.txt").is_file()
+    assert "completed rows" in caplog.text
+    assert _row_files(out) == before  # byte for byte
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])
+
+
+def test_store_keeps_completed_rows_over_a_failure(tmp_path):
+    """Item 2, store level: error rows replace error rows; only completed rows replace rows."""
+    done = [{"method_id": "cam", "status": "done", "metric": "iou", "value": 0.5}]
+    error = [{"method_id": "cam", "status": "error", "metric": "status", "value": np.nan}]
+    store.write_rows(tmp_path, "k", error)
+    store.write_rows(tmp_path, "k", error + error)
+    assert len(read_results(tmp_path)) == 2
+    store.write_rows(tmp_path, "k", done)
+    store.write_rows(tmp_path, "k", error)  # kept: the completed row stays
+    assert list(read_results(tmp_path)["status"]) == ["done"]
+    budget = [{**done[0], "status": "budget", "value": 0.4}]
+    store.write_rows(tmp_path, "k", budget)  # a completed result replaces one
+    assert list(read_results(tmp_path)["value"]) == [0.4]
+
+
+def test_predictions_of_wrong_shape_with_matching_marker_are_recomputed(
+    reference, tmp_path, caplog
+):
+    """Items 2 and 3: a 3-row prediction file with a valid marker: recomputed, rows kept."""
+    out = _copy(reference, tmp_path / "out")
+    [preds] = (_cam_run(out) / "preds").glob("*.npy")
+    meta = _good_marker(preds)["meta"]
+    bcache.save_array(preds, np.full((3, 1, 64, 64), 0.5, np.float16), meta)  # marker matches
+    with caplog.at_level(logging.WARNING, logger="benchmark.cache"):
+        rows = Runner(_cfg(out, ["cam"])).run_all()
+    assert set(rows["status"]) == {"done"}, rows["reason"].iloc[0]
+    assert str(preds) in caplog.text and "does not fit" in caplog.text
+    assert not _reused(rows, "cam")["segmenter_predict"]
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])
+    _assert_cache_sound(out)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.random.default_rng(0).random((2, 1, 8, 8)),  # the issue's case: too few, float64
+        np.full((99, 1, 8, 8), 0.5, np.float16),  # wrong number of images
+        np.full((1, 1, 8, 8), 0.5, np.float16),  # (N, C, h, w) differing from train: set below
+        np.full((1, 1, 8, 8), 7.0, np.float16),  # right shape, values outside [0, 1]: set below
+    ],
+    ids=["few_float64", "too_many", "other_size", "out_of_range"],
+)
+def test_maps_that_do_not_fit_the_split_are_recomputed(bad, request, reference, tmp_path, caplog):
+    """Item 3: maps with a matching marker but the wrong shape, dtype or range: recomputed."""
+    out = _copy(reference, tmp_path / "out")
+    val = _cam_run(out) / "maps" / "val.npy"
+    good = bcache.load_array(val)
+    if request.node.callspec.id == "other_size":
+        bad = np.full((len(good), 1, good.shape[2] + 1, good.shape[3]), 0.5, np.float16)
+    if request.node.callspec.id == "out_of_range":
+        bad = np.full(good.shape, 7.0, np.float16)
+    del good
+    bcache.save_array(val, bad, _good_marker(val)["meta"])  # a marker that matches the file
+    with caplog.at_level(logging.WARNING, logger="benchmark.cache"):
+        rows = Runner(_cfg(out, ["cam"])).run_all()
+    assert set(rows["status"]) == {"done"}, rows["reason"].iloc[0]
+    assert str(val) in caplog.text and "does not fit" in caplog.text
+    assert not _reused(rows, "cam")["maps_val"]
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])  # threshold too
+    _assert_cache_sound(out)
+
+
+def test_segmenter_state_that_does_not_load_is_retrained(reference, tmp_path, caplog):
+    """Item 3: a cached segmenter state with a valid marker that does not fit the model."""
+    out = _copy(reference, tmp_path / "out")
+    [state] = (_cam_run(out) / "stages").glob("segmenter-*-train.pt")
+    bcache.save_tensors(state, {"weight": torch.zeros(2)}, _good_marker(state)["meta"])
+    with caplog.at_level(logging.WARNING, logger="benchmark.runner"):
+        rows = Runner(_cfg(out, ["cam"])).run_all()
+    assert set(rows["status"]) == {"done"}, rows["reason"].iloc[0]
+    assert str(state) in caplog.text and "does not fit" in caplog.text
+    assert not _reused(rows, "cam")["segmenter"]
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])
+
+
+CACHE_ARRAYS = {"images.npy": "images", "trimaps.npy": "trimaps", "orig_trimaps.npy": "_orig"}
+
+
+@pytest.mark.parametrize("name", list(CACHE_ARRAYS))
+def test_image_cache_byte_flip_is_detected_and_rebuilt(
+    name, tiny_dataset, tmp_path, caplog, monkeypatch
+):
+    """Item 3: a flipped byte in the image cache is caught by its checksum and rebuilt."""
+    import datasets
+    from datasets import DatasetError, ImageCache
+    from datasets import cache as dcache
+
+    names = [r.name for r in tiny_dataset.records[:6]]
+    cache = datasets.build_cache(tiny_dataset, names, 16, tmp_path)
+    folder, expected = cache.folder, np.array(getattr(cache, CACHE_ARRAYS[name]))
+    del cache
+    path = folder / name
+    raw = bytearray(path.read_bytes())
+    raw[-7] ^= 0x5A  # pixel data, same size
+    path.write_bytes(bytes(raw))
+    # as in a new process (a cache is verified once per process and file version)
+    monkeypatch.setattr(dcache, "_verified", set(), raising=False)
+    with pytest.raises(DatasetError, match=f"{name} does not match its checksum"):
+        ImageCache.open(folder)
+    with caplog.at_level(logging.WARNING, logger="datasets.cache"):
+        rebuilt = datasets.build_cache(tiny_dataset, names, 16, tmp_path)
+    assert str(path) in caplog.text and "checksum" in caplog.text
+    assert rebuilt.folder == folder
+    np.testing.assert_array_equal(getattr(rebuilt, CACHE_ARRAYS[name]), expected)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_image_cache_without_checksums_is_rebuilt(tiny_dataset, tmp_path, caplog):
+    """Item 3: a cache built before checksums existed is rebuilt once, not trusted."""
+    import json
+
+    import datasets
+    from datasets.cache import MANIFEST
+
+    names = [r.name for r in tiny_dataset.records[:4]]
+    folder = datasets.build_cache(tiny_dataset, names, 16, tmp_path).folder
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["checksums"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="datasets.cache"):
+        rebuilt = datasets.build_cache(tiny_dataset, names, 16, tmp_path)
+    assert "no checksums" in caplog.text
+    assert "checksums" in rebuilt.manifest
+
+
+# ---- issue 15: full disk while the image cache is built; unwritable result store ---------------
+def test_disk_full_while_building_the_image_cache_is_one_line(
+    reference, tmp_path, monkeypatch, capsys
+):
+    """Item 4: no SIGBUS: space is reserved before mapping, ENOSPC is one line, no temp left.
+
+    A real full tmpfs (``mount -t tmpfs -o size=1m``) gave SIGBUS (exit 135) before; here
+    ``posix_fallocate`` reports the full disk as a kernel would.
+    """
+    out = _copy(reference, tmp_path / "out", ("data",))  # no image cache yet
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    code = main(_cli_args(out, ["all_foreground"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: disk full (No space left on device)"), err[-1]
+    assert str(out / "cache") in err[-1] and "images.npy" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not [p.name for p in (out / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert not (out / "runs").exists()
+
+
+def test_image_cache_files_are_preallocated(tiny_dataset, tmp_path, monkeypatch):
+    """Item 4: every memory-mapped file gets its blocks reserved (the whole length)."""
+    import datasets
+
+    calls: list[int] = []
+    real = os.posix_fallocate
+
+    def spy(fd, offset, length):
+        calls.append(length)
+        real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    names = [r.name for r in tiny_dataset.records[:3]]
+    folder = datasets.build_cache(tiny_dataset, names, 16, tmp_path).folder
+    mapped = ("images.npy", "trimaps.npy", "orig_trimaps.npy")
+    assert sorted(calls) == sorted((folder / f).stat().st_size for f in mapped)
+
+
+def test_unwritable_result_store_is_one_line_before_any_work(reference, tmp_path, capsys):
+    """Item 5 (mine): ``results/rows`` that cannot be written: one line, exit 1, nothing run."""
+    out = _copy(reference, tmp_path / "out", ("data", "cache"))
+    (out / "results").mkdir()
+    (out / "results" / "rows").write_text("not a folder")  # unwritable, even for root
+    code = main(_cli_args(out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: cannot store result rows in") and "rows" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "runs").exists()
+
+
+def test_result_write_failing_mid_run_is_one_line_and_keeps_rows(
+    reference, tmp_path, monkeypatch, capsys
+):
+    """Item 5 (mine): the store fails after the first method: one line; earlier rows stay."""
+    out = _copy(reference, tmp_path / "out")
+    before = _row_files(out)
+    real = store._write_parquet
+
+    def refuse(path, frame):
+        if "rows" in path.parts and path.name.startswith("all_foreground"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path.parent))
+        real(path, frame)
+
+    monkeypatch.setattr(store, "_write_parquet", refuse)
+    code = main(_cli_args(out))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: cannot store result rows") and "Permission" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    after = _row_files(out)  # cam's rows were stored again; all_foreground's old ones stay
+    assert after.keys() == before.keys()
+    unchanged = {p.name.split("-")[0]: after[p] == before[p] for p in after}
+    assert unchanged == {"cam": False, "all_foreground": True}
+    pd.testing.assert_frame_equal(_quality(read_results(out)), reference[1])

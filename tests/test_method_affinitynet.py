@@ -211,6 +211,22 @@ def test_tiny_fit_localize_refine(fitted):
         method.refine(batch, maps[:3], ctx)
 
 
+def test_localize_of_seeded_train_images_reuses_the_seed_cams(fitted, monkeypatch):
+    """The train CAMs computed for the seeds are the maps localize returns: no second pass."""
+    method, ctx, train = fitted
+    batch = train.subset(slice(3, 9))
+    direct = method.cam.localize(batch, ctx)
+    calls = []
+    monkeypatch.setattr(method.cam, "localize", lambda *a: calls.append(a) or direct)
+    memo = method.localize(batch, ctx)
+    assert not calls and memo.shape == direct.shape
+    np.testing.assert_allclose(memo, direct, atol=1e-5)
+    other = train.subset(slice(0, 2))
+    other.names = ["not-seeded", other.names[1]]
+    method.localize(other, ctx)
+    assert len(calls) == 1  # an image without seed CAMs goes through the classifier
+
+
 def test_budget_stops_both_stages(tiny_imageset):
     method = create_method("cam_affinitynet", preset="tiny")
     ctx = _Recording(stop_after=1)

@@ -50,3 +50,30 @@ def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
     seeds = rows.groupby("method_id")["seed"].first()
     assert seeds["cam"] == seeds[variant]
     assert set(rows["status"]) == {"done"}
+
+
+def test_cam_affinitynet_shares_the_cam_runs_classifier(tmp_path):
+    """The classifier inside cam_affinitynet is the cam run's: one file, trained once."""
+    cfg = RunConfig(
+        methods=["cam_affinitynet", "cam"],
+        preset="tiny",
+        out=str(tmp_path),
+        device="cpu",
+        segmenter_epochs=1,
+        report=False,
+    ).validate()
+    rows = Runner(cfg).run_all()
+    assert set(rows["status"]) == {"done"}
+    cost = rows[(rows["aggregation"] == "cost") & (rows["stage"] == "fit:classifier")]
+    reused = cost.groupby("method")["reused"].all()
+    assert not reused["cam_affinitynet"] and reused["cam"]  # cam_affinitynet ran first
+    classifiers = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("stages/*/*/classifier.pt"))
+    assert len(classifiers) == 1 and classifiers[0].parts[1] == "cam", classifiers
+    assert list(tmp_path.glob("stages/cam_affinitynet/*/affinity.pt"))
+
+
+def test_code_version_covers_the_method_modules_a_method_builds_on():
+    from benchmark.runner import REPO, _method_sources
+
+    sources = {p.name for p in _method_sources(REPO / "methods" / "cam_affinitynet.py")}
+    assert sources == {"cam_affinitynet.py", "cam.py"}

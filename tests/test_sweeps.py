@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -325,6 +326,124 @@ def test_storage_log_never_shows_the_password(url, tmp_path, caplog):
     assert "Optuna storage" in caplog.text  # the logging line was reached
     assert "hunter2" not in caplog.text and "password=***" in caplog.text
     assert "ter2" not in config.mask_url("postgresql://root:hun@ter2@db/x")
+
+
+# Passwords with a raw "@", a raw ":" and a literal "%40", each made of pieces of 6+ characters
+# that appear nowhere else (so a leaked piece is found even in binary files).
+PASSWORDS = ["Hunter7@Tw0sEcr", "C0lonPw:Zq9Secr", "PctEnc%40Kx7Secr"]
+
+
+def _secret_forms(password: str) -> set[str]:
+    """The password raw, percent-decoded and percent-encoded, and its pieces between @ : %40."""
+    from urllib.parse import quote, unquote
+
+    forms = {password, unquote(password), quote(password, safe=""), quote(unquote(password))}
+    pieces = {p for f in forms for p in re.split(r"@|:|%40|%3A", f) if len(p) >= 6}
+    return forms | pieces
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "postgresql://bench:{pw}@db.example.org:5432/optuna",
+        "postgresql+psycopg://bench:{pw}@db.example.org/optuna?sslmode=require",
+        "mysql+pymysql://root:{pw}@localhost/optuna?charset=utf8",
+        "postgresql://db.example.org/optuna?user=bench&password={pw}&sslmode=require",
+        "postgresql://bench@db.example.org/optuna?sslpassword={pw}",
+        "postgresql://bench:{pw}@db.example.org/optuna?password={pw}",
+        "sqlite:////tmp/x/p.db?password={pw}",
+        "sqlite:////tmp/x/p.db?mode=rw&password={pw}&cache=shared",
+    ],
+)
+def test_mask_url_hides_every_form_of_the_password(template, password):
+    url = template.format(pw=password)
+    masked = config.mask_url(url)
+    leaked = [f for f in _secret_forms(password) if f in masked]
+    assert not leaked, (url, masked, leaked)
+    assert "***" in masked
+    assert any(host in masked for host in ("db.example.org", "localhost", "/tmp/x/p.db"))
+    assert config.mask_url(masked) == masked  # masking is idempotent
+    redacted = config.redact(f"could not reach {url}", url)
+    assert not [f for f in _secret_forms(password) if f in redacted], redacted
+
+
+@pytest.mark.parametrize("password", ["Sl4shPw/Hx9Secr", "H4shPw#Qz8Secr", "Qu3stPw?Rx7Secr"])
+def test_mask_url_password_with_slash_hash_or_question_mark(password):
+    """Raw characters that end the userinfo for urllib (SQLAlchemy keeps them in the password)."""
+    for url in (
+        f"postgresql://bench:{password}@db.example.org:5432/optuna",
+        f"mysql://root:{password}@localhost/optuna?charset=utf8",
+    ):
+        masked = config.mask_url(url)
+        forms = _secret_forms(password) | {password[:7], password[-7:]}
+        assert not [f for f in forms if f in masked], masked
+
+
+def test_mask_url_keeps_what_is_not_secret():
+    assert config.mask_url("postgresql://bench@db/optuna?sslmode=require") == (
+        "postgresql://bench@db/optuna?sslmode=require"
+    )
+    assert config.mask_url("sqlite:////data/a@b/p.db") == "sqlite:////data/a@b/p.db"
+    assert config.mask_url("journal:/tmp/a:b@c.journal") == "journal:/tmp/a:b@c.journal"
+    assert config.mask_url("postgresql://bench@db/x?email=a@b.org") == (
+        "postgresql://bench@db/x?email=a@b.org"
+    )
+
+
+def test_driver_error_messages_are_redacted(tmp_path, capsys):
+    """A driver quoting the part of a raw-@ password it took for the host never shows it."""
+    url = "postgresql://root:Hunter7@Tw0sEcr@127.0.0.1:1/optuna"
+    message = "failed to resolve host 'Tw0sEcr@127.0.0.1': Name or service not known"
+    assert "Tw0sEcr" not in config.redact(message, url)
+    bad = f"sqlite://root:Hunter7@Tw0sEcr@//{tmp_path}/p.db"  # SQLAlchemy refuses it, quoting
+    with pytest.raises(config.ConfigError, match="--storage: cannot open") as info:
+        sweeps.open_storage(bad, tmp_path)
+    assert not [f for f in _secret_forms("Hunter7@Tw0sEcr") if f in str(info.value)]
+    code = main(["worker", "--storage", bad, "--study", "s", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Tw0sEcr" not in err
+
+
+def _files_holding(root: Path, forms: set[str]) -> list[str]:
+    """Every file under ``root`` (text or binary) holding one of ``forms``, with the form."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        found += [f"{path}: {f}" for f in forms if f.encode() in data]
+    return found
+
+
+@pytest.fixture(scope="module")
+def leak_out(tmp_path_factory) -> Path:
+    """One output folder shared by the leak tests (data and maps are made once)."""
+    return tmp_path_factory.mktemp("leak") / "out"
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_sweep_and_worker_never_leak_the_password(password, leak_out, caplog, capfd):
+    """Issue 15 item 1: every log line, all output and every file of a sweep and a worker."""
+    caplog.set_level(logging.DEBUG)
+    db = leak_out / "studies" / f"p{PASSWORDS.index(password)}.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{db}?password={password}"
+    study = "threshold-synthetic-tiny-all_foreground-rep0"
+    sweep = ["-vv", "sweep", "threshold", "--preset", "tiny", "--methods", "all_foreground",
+             "--device", "cpu", "--trials", "20", "--out", str(leak_out)]  # fmt: skip
+    assert main([*sweep, "--storage", url]) == 0
+    worker = ["-vv", "worker", "--storage", url, "--study", study, "--out", str(leak_out)]
+    assert main(worker) == 0
+    out, err = capfd.readouterr()
+    logged = "\n".join(
+        f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records
+    )  # every record, any level
+    assert "Optuna storage: sqlite:///" in logged and "password=***" in logged  # lines reached
+    assert "worker 0: 0 trials" in out and (leak_out / "studies" / f"{study}.csv").is_file()
+    forms = _secret_forms(password)
+    for name, text in (("log", logged), ("stdout", out), ("stderr", err)):
+        leaked = [f for f in forms if f in text]
+        assert not leaked, (name, leaked)
+    assert not _files_holding(leak_out, forms)
 
 
 def _grid_spec(out: Path, ratios: list[float]) -> sweeps.SweepSpec:

@@ -273,3 +273,111 @@ def test_leak_check_sees_a_leak():
     assert "url" in _code_outside_strings('logger.info("storage %s", url)')
     assert "url" in _code_outside_strings('print(f"storage: {url}")')
     assert "url" not in _code_outside_strings('logger.info("storage url: %s", path)')
+
+
+# ---- YAML alias bombs and long values (issue 15 item 7) -----------------------------------------
+def _alias_bomb(depth: int) -> str:
+    """A "billion laughs" list under the valid key ``methods``: 9 ** depth strings once expanded.
+
+    At depth 6 the old ``--methods`` error printed 3.9 MB on one line (depth 9: ~2.7 GB).
+    """
+    lines = ["methods:", '  - &x0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, depth + 1):
+        lines.append(f"  - &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _alias_bomb(6),
+        "methods: &m [cam]\nseeds: 1\n",  # an anchor alone
+        "seeds: &n 1\nbase_seed: *n\n",  # an alias of a scalar
+    ],
+)
+def test_yaml_anchors_and_aliases_are_refused(text, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match="anchors and aliases"):
+        load_yaml(config)
+    assert (
+        main(["run", "--preset", "tiny", "--config", str(config), "--out", str(tmp_path / "out")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 400, err[:500]
+    assert not (tmp_path / "out").exists()
+
+
+def test_method_spec_aliases_are_refused(tmp_path, capsys):
+    spec = "cam[tta_scales=[&a [1.0, 1.0], *a, *a]]"
+    assert main(["run", "--preset", "tiny", "--methods", spec, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--methods" in err and "anchors and aliases" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--methods", "cam[epochs=" + "9" * 100_000 + "x]"],
+        ["--methods", "n" * 100_000],
+        ["--device", "d" * 100_000],
+        ["--dataset", "q" * 100_000],
+    ],
+)
+def test_long_values_are_cut_in_error_messages(args, tmp_path, capsys):
+    assert main(["run", "--preset", "tiny", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) <= 2100, len(err)
+
+
+def test_long_yaml_values_are_cut_in_error_messages(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("methods: [" + ", ".join(["[lol, lol, lol]"] * 2_000) + "]\n")
+    assert (
+        main(["run", "--preset", "tiny", "--config", str(config), "--out", str(tmp_path / "out")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "--methods: expected a list of method names" in err
+    assert len(err) < 400 and "characters)" in err, err[:500]
+
+
+# ---- images outside the dataset root (issue 15 item 9) -----------------------------------------
+def test_links_out_of_the_dataset_root_are_excluded_not_read(tmp_path, caplog):
+    """A dataset whose images/x.jpg links to a private file: excluded with a reason, never read.
+
+    A link inside the root, and a whole images/ folder linked to another disk, stay usable.
+    """
+    import shutil
+
+    from datasets.oxford_pet import OxfordPet
+    from datasets.synthetic import generate_synthetic
+
+    root = generate_synthetic(tmp_path / "pets", n_images=12, size=40, n_classes=3, seed=0)
+    names = sorted(p.stem for p in (root / "images").glob("*.jpg"))
+    private = tmp_path / "home" / "private.jpg"
+    private.parent.mkdir()
+    shutil.move(root / "images" / f"{names[0]}.jpg", private)
+    (root / "images" / f"{names[0]}.jpg").symlink_to(private)
+    trimap = root / "annotations" / "trimaps" / f"{names[1]}.png"
+    shutil.move(trimap, tmp_path / "home" / "t.png")
+    trimap.symlink_to(tmp_path / "home" / "t.png")
+    spare = root / "spare"  # a link that stays inside the root is fine
+    spare.mkdir()
+    shutil.move(root / "images" / f"{names[2]}.jpg", spare / "x.jpg")
+    (root / "images" / f"{names[2]}.jpg").symlink_to(spare / "x.jpg")
+    with caplog.at_level(logging.WARNING, logger="datasets.oxford_pet"):
+        ds = OxfordPet(root)
+    reasons = {e.name: (e.file, e.reason) for e in ds.exclusions}
+    assert set(reasons) == {names[0], names[1]}
+    assert reasons[names[0]][0] == f"images/{names[0]}.jpg"
+    assert f"a link to {private}, outside the dataset root" in reasons[names[0]][1]
+    assert reasons[names[1]][0] == f"annotations/trimaps/{names[1]}.png"
+    assert "outside the dataset root" in reasons[names[1]][1]
+    assert str(private) in caplog.text  # the warning names the file and its target
+    assert sorted(r.name for r in ds.records) == sorted(set(names) - {names[0], names[1]})
+    moved = tmp_path / "big-disk" / "images"  # the whole folder on another disk: allowed
+    shutil.move(root / "images", moved)
+    (root / "images").symlink_to(moved, target_is_directory=True)
+    assert {e.name for e in OxfordPet(root).exclusions} == {names[0], names[1]}
