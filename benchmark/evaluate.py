@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmark import kernels
+from datasets.conventions import IGNORE
 
 if TYPE_CHECKING:
     import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
 METRICS = ("iou", "dice", "accuracy", "precision", "recall")
 
 # GT values up to this bound use a dense bincount / lookup table; beyond it a masked path.

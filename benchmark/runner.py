@@ -43,7 +43,7 @@ from benchmark import cache as bcache
 from benchmark import faults
 from benchmark.accounting import measure
 from benchmark.config import ConfigError, RunConfig
-from benchmark.evaluate import METRICS, Evaluator, SweepCounts, ThresholdSweep, threshold_map
+from benchmark.evaluate import METRICS, Evaluator, threshold_map
 from benchmark.store import (
     check_writable,
     now_iso,
@@ -52,9 +52,21 @@ from benchmark.store import (
     write_per_image,
     write_rows,
 )
-from datasets.conventions import CONVENTIONS, get_convention, positive_prediction
+from benchmark.supervision import gt_rule_masks
+from benchmark.supervision import gt_subset as gt_subset
+from benchmark.threshold import SWEEP_BINS as SWEEP_BINS
+from benchmark.threshold import choose_threshold
+from benchmark.threshold import sweep_counts as sweep_counts
+from datasets.conventions import CONVENTIONS, positive_prediction
 from methods import create_method, list_methods
-from methods.base import Context, ImageSet, Method, parse_spec, seed_everything
+from methods.base import (
+    Context,
+    ImageSet,
+    Method,
+    parse_spec,
+    seed_everything,
+    split_top_level,
+)
 from methods.common.segmenter import (
     SEGMENTER_PRESETS,
     SegmenterConfig,
@@ -71,7 +83,6 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE_FORMAT = 1
 #: Test images saved per run for the report's qualitative grid.
 QUALITATIVE_IMAGES = 6
-SWEEP_BINS = 100  # threshold grid resolution of the validation sweep (0.01)
 #: The segmenter's pet probability threshold: its test predictions are ``prob >= 0.5``.
 SEGMENTER_THRESHOLD = 0.5
 #: A 0/1 mask scored as a map (the GT masks a segmenter trains on) is thresholded here.
@@ -110,7 +121,7 @@ def expand_methods(specs: list[str]) -> list[str]:
     out: list[str] = []
     known = list_methods()
     for spec in specs:
-        for part in _split_specs(spec):
+        for part in split_top_level(spec):
             if part == "all":
                 matched = known
             elif "[" in part:
@@ -156,21 +167,6 @@ def check_methods(specs: list[str], preset: str) -> list[str]:
             text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
             raise ConfigError(f"--methods: {spec!r}: {text}".splitlines()[0]) from None
     return expanded
-
-
-def _split_specs(spec: str) -> list[str]:
-    """Split ``a,b[k=1,j=2],c`` at top-level commas."""
-    parts, depth, cur = [], 0, ""
-    for ch in spec:
-        depth += ch == "["
-        depth -= ch == "]"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [p.strip() for p in parts if p.strip()]
 
 
 def derive_seed(base: int, dataset: str, method: str, repetition: int) -> int:
@@ -425,17 +421,6 @@ def write_manifest(path: Path, dataset: Any, cache: Any) -> None:
 
 
 # ---- helpers of one run -------------------------------------------------------------------------
-def gt_subset(n: int, ratio: float, key: str) -> np.ndarray:
-    """Indices of the ``ratio`` share of ``n`` images whose pseudo masks are replaced by GT.
-
-    A seeded permutation (by ``key``: split hash and base seed) is cut at round(ratio * n), so
-    the subsets are nested as the ratio grows and identical for every method.
-    """
-    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[: int(round(ratio * n))])
-
-
 def compute_maps(
     method: Method,
     images: ImageSet,
@@ -483,39 +468,6 @@ def _compute_maps(
     array = np.concatenate(chunks) if chunks else np.zeros((0, 1, 1, 1), np.float16)
     bcache.save_array(path, array, {"cost": cost.to_dict()})
     return bcache.load_array(path), {**cost.to_dict(), "reused": False}
-
-
-def sweep_counts(
-    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str, n_bins: int = SWEEP_BINS
-) -> SweepCounts:
-    """TP/FP/FN/TN of a split's maps at every grid threshold ``i / n_bins`` (one pass).
-
-    The prediction is ``pet map >= t`` under every convention, so thresholds are always pet-map
-    thresholds; where the convention's positive class is the background side
-    (``weaktr_refinery``) the counts are those of the complement ``pet map < t``.
-    """
-    sweep = ThresholdSweep(n_bins=n_bins)
-    pairs = [(soft[0].astype(np.float32), gt) for soft, gt in zip(maps, masks)]
-    sweep.add_many([p[0] for p in pairs], [p[1] for p in pairs])  # one batched, threaded pass
-    counts = sweep.counts()
-    return counts.inverted() if get_convention(convention).positive_is_background else counts
-
-
-def choose_threshold(
-    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str
-) -> tuple[float, pd.DataFrame]:
-    """The threshold of best validation IoU and the validation curve.
-
-    The same code path as ``python -m benchmark sweep threshold``: one-pass sweep counts, then
-    :func:`benchmark.sweeps.search_threshold` (an in-memory Optuna study; at ``SWEEP_BINS`` its
-    coarse grid is the whole grid, so every threshold is evaluated and ties go to the lowest).
-    """
-    from benchmark.sweeps import search_threshold
-
-    counts = sweep_counts(maps, masks, convention)
-    best_t = search_threshold(counts).threshold
-    curve = pd.DataFrame({"threshold": counts.thresholds, **{m: counts.metric(m) for m in METRICS}})
-    return float(best_t), curve
 
 
 def orig_gts(bundle: DataBundle, part: str) -> Iterator[tuple[np.ndarray, ...]]:
@@ -574,7 +526,7 @@ def pseudo_masks(
     """Pet pseudo masks (N, S, S) uint8 {0, 1, 255} at the working resolution.
 
     A pixel is pet where the pet map (upsampled to S) is ``>= threshold``, under every
-    convention (the threshold is a pet-map threshold, see :func:`sweep_counts`).
+    convention (the threshold is a pet-map threshold, see :func:`benchmark.threshold.sweep_counts`).
     """
     if from_gt:
         return np.asarray(gt_masks).copy()
@@ -622,7 +574,7 @@ class Runner:
         self.cfg = cfg
         check_writable(cfg.out)  # fail before any work when no row could be stored
         # how gt_ratio is applied: "subset" (a fixed nested subset) or "weaktr_batch"
-        # (WeakTR-Refinery's per-batch draw; see benchmark.sweeps.PerBatchGTMasks)
+        # (WeakTR-Refinery's per-batch draw; see benchmark.supervision.PerBatchGTMasks)
         self.gt_rule = gt_rule
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
@@ -897,8 +849,6 @@ class Runner:
         )
         train_masks: Any = pseudo
         if self.gt_rule != "subset":
-            from benchmark.sweeps import gt_rule_masks
-
             train_masks = gt_rule_masks(self.gt_rule, pseudo, pet_train, cfg.gt_ratio, ctx.seed)
 
         # the shared segmenter, identical for every method

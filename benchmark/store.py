@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from benchmark.cache import OutputError, atomic_write_bytes
+from benchmark.cache import atomic_write_text as atomic_write_text  # reports/ use it
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -226,10 +226,7 @@ class Method:
         """``name[k=v,...]``: the fields that differ from the preset, keys sorted."""
         base = dataclasses.asdict(self.make_config(self.preset))
         diff = {k: v for k, v in self.params().items() if base.get(k) != v}
-        if not diff:
-            return self.name
-        inner = ",".join(f"{k}={_fmt(v)}" for k, v in sorted(diff.items()))
-        return f"{self.name}[{inner}]"
+        return format_spec(self.name, diff)
 
     def cache_key(self) -> str:
         """A stable JSON string of everything that determines this method's outputs."""
@@ -370,14 +367,6 @@ def _check_bounds(cls: type[Method], values: dict[str, Any]) -> None:
                 raise ValueError(f"{cls.name}: parameter {key!r} must be in {where}, got {v}")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "(" + ",".join(_fmt(v) for v in value) + ")"
-    return str(value)
-
-
 # ---- registry ------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -486,7 +475,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, inner = m.group(1), m.group(2)
     overrides: dict[str, Any] = {}
     if inner:
-        for part in _split_top(inner):
+        for part in split_top_level(inner):
             if "=" not in part:
                 raise ValueError(f"method spec {_short(spec)}: {_short(part)} is not k=v")
             key, raw = (t.strip() for t in part.split("=", 1))
@@ -500,30 +489,118 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _scalar(raw: str) -> Any:
-    """A typed value: numbers first (YAML 1.1 reads ``5e-4`` as a string), then YAML."""
+    """One spec value, typed.
+
+    ``None``; ``(a,b)`` or ``[a,b]`` as a tuple of values read one by one; then numbers (YAML
+    1.1 reads ``5e-4`` as a string); then YAML (booleans, ``null``, quoted strings, words).
+    """
+    if raw == "None":
+        return None
+    if len(raw) >= 2 and raw[0] + raw[-1] in ("()", "[]"):
+        return tuple(_scalar(part) for part in split_top_level(raw[1:-1]))
     for cast in (int, float):
         try:
             return cast(raw)
         except ValueError:
             pass
-    return strict_yaml_load(raw.replace("(", "[").replace(")", "]"))
+    return strict_yaml_load(raw)
 
 
-def _split_top(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+#: Characters after which a quote opens a quoted value (``k="a,b"``, ``("x",'y')``).
+_QUOTE_AFTER = ("", "=", ",", "(", "[", "{")
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets and quotes; parts stripped, empty ones dropped.
+
+    Splits both a list of specs (``a,b[k=1,j=(2,3)],c``) and a spec's ``k=v`` parts. A quote
+    opens a quoted value only at the start of a value (after ``=``, ``,`` or a bracket), so an
+    apostrophe inside a word (a file name) is an ordinary character.
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, quote, escaped, prev = 0, "", False, ""
     for ch in text:
-        if ch in "([":
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "\"'" and (prev in _QUOTE_AFTER or prev + ch == "''"):
+            quote = ch  # ``''`` inside single quotes is YAML's escaped quote
+        elif ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
-        if ch == "," and depth == 0:
+        elif ch == "," and depth == 0:
             parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if cur:
-        parts.append("".join(cur))
+            cur, prev = [], ","
+            continue
+        cur.append(ch)
+        if not ch.isspace():
+            prev = ch
+    parts.append("".join(cur))
     return [p for p in (s.strip() for s in parts) if p]
+
+
+def format_spec(name: str, params: Mapping[str, Any]) -> str:
+    """``name[k=v,...]`` (keys sorted), or ``name`` alone: the inverse of :func:`parse_spec`.
+
+    ``parse_spec(format_spec(name, params)) == (name, params)`` for every value a Config
+    holds: ints, floats, bools, strings, ``None`` and tuples of them. A float is written with
+    ``{:g}`` where that text is exact (``0.001``, ``1e-05``, ``1``: method ids unchanged) and
+    as ``repr``, the shortest exact text, where ``{:g}`` would lose digits (``0.000123456789``,
+    not ``0.000123457``); an integral float reads back as an equal int. A string is written
+    bare unless it would read back as something else (``true``, ``1``, ``None``) or holds spec
+    syntax (commas, brackets, quotes), then double-quoted with YAML escapes.
+    """
+    if not params:
+        return name
+    inner = ",".join(f"{k}={_format_value(v)}" for k, v in sorted(params.items()))
+    return f"{name}[{inner}]"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        short = f"{number:g}"
+        return short if float(short) == number else repr(number)
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_format_value(v) for v in value) + ")"
+    text = str(value)  # a str, or a Path
+    return text if _is_bare(text) else _quote(text)
+
+
+def _is_bare(text: str) -> bool:
+    """Whether ``text`` reads back as itself without quotes."""
+    if not text or text != text.strip() or any(ch in ",()[]{}'\"\\" for ch in text):
+        return False
+    try:
+        value = _scalar(text)
+    except Exception:  # noqa: BLE001 - not plain YAML (``@x``, ``*x``, ``!x``): quote it
+        return False
+    return isinstance(value, str) and value == text
+
+
+def _quote(text: str) -> str:
+    """``text`` as a YAML double-quoted scalar; characters that are not printable escaped."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
 
 
 def create_method(spec: str, preset: str = "quick", **overrides: Any) -> Method:

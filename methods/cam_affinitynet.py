@@ -84,6 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.conventions import IGNORE
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.backbones import create_backbone
 from methods.common.crf import crf_labels
@@ -101,7 +102,6 @@ from methods.common.random_walk import PairGrid, pair_grid, random_walk
 
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
 LOG_EPS = 1e-5
 
 

@@ -20,11 +20,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from datasets.conventions import IGNORE
 from methods.base import Context, ImageSet, Method, register_method
 
 logger = logging.getLogger(__name__)
-
-IGNORE = 255
 
 
 @dataclass(frozen=True)

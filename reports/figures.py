@@ -26,7 +26,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from benchmark.cache import atomic_write_bytes
+from benchmark.store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.cache import atomic_write_text
+from benchmark.store import atomic_write_text
 from reports import figures, stats
 from reports.data import ReportData, load
 from reports.tables import (

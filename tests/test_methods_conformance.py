@@ -315,3 +315,106 @@ def test_centre_prior_errors():
         method.localize(_masked_set(np.zeros((1, 4, 4), np.uint8)), Context())
     with pytest.raises(ValueError, match="entirely ignored"):
         method.fit(_masked_set(np.full((2, 4, 4), 255, np.uint8)), Context())
+
+
+# ---- specs: one exact parse_spec / format_spec pair ------------------------------------------
+SPEC_VALUES = [
+    {"lr": 1.23456789e-4},
+    {"lr": 1e-10},
+    {"lr": 0.1},
+    {"third": 1 / 3, "big": 123456789.0, "huge": 1e300, "neg": -0.5},
+    {"n": 3, "zero": 0, "neg": -2},
+    {"scales": (0.5, 1.0, 1.5, 2.0)},
+    {"scales": (1e-10, 0.1, 1.23456789e-4)},
+    {"dims": (64, 128, 256), "one": (7,), "empty": ()},
+    {"flag": True, "other": False},
+    {"depth": None},
+    {"backbone": "resnet50", "pretrained": "offline", "file": "/w/o'brien/weights-v2.pth"},
+    {"file": "/data/w,eights (v2)[1]{x}.pth"},
+    {"a": "true", "b": "1", "c": "None", "d": "null", "e": "1e-4", "f": "", "g": "no"},
+    {"a": 'say "hi" \\ there', "b": "a: b", "c": " padded ", "d": "tab\tnew\nline", "e": "#x"},
+    {"a": "é ünïcode", "b": "@at", "c": "*star", "d": "0x1F", "e": "- dash"},
+    {"mixed": (1, "a,b", None, True, 2.5, "None")},
+]
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with its type; ints and floats both as numbers (``1.0`` reads back as ``1``)."""
+    if isinstance(value, tuple):
+        return ("tuple", tuple(_typed(v) for v in value))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value))
+    return (type(value).__name__, value)
+
+
+@pytest.mark.parametrize("params", SPEC_VALUES, ids=lambda p: ",".join(p))
+def test_format_spec_parses_back_exactly(params):
+    from methods.base import format_spec, parse_spec
+
+    spec = format_spec("m", params)
+    name, parsed = parse_spec(spec)
+    assert name == "m" and parsed == params, spec
+    assert {k: _typed(v) for k, v in parsed.items()} == {k: _typed(v) for k, v in params.items()}
+    assert format_spec(name, parsed) == spec
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [  # {:g} where it is exact (method ids as before), repr where {:g} loses digits
+        (0.001, "0.001"),
+        (1e-05, "1e-05"),
+        (0.3, "0.3"),
+        (5e-4, "0.0005"),
+        (1.0, "1"),
+        (1e6, "1e+06"),
+        (1.23456789e-4, "0.000123456789"),
+        (1 / 3, "0.3333333333333333"),
+        (123456789.0, "123456789.0"),
+        (np.float32(0.5), "0.5"),
+        (np.float32(0.1), "0.10000000149011612"),
+        ((0.5, 1.0), "(0.5,1)"),
+        (True, "True"),
+        (None, "None"),
+        ("decoder", "decoder"),
+        ("a,b", '"a,b"'),
+        ("true", '"true"'),
+    ],
+)
+def test_format_spec_text(value, text):
+    from methods.base import format_spec
+
+    assert format_spec("m", {"x": value}) == f"m[x={text}]"
+
+
+def test_identity_keeps_every_digit_and_short_floats_as_before():
+    method = create_method("cam[lr=1.23456789e-4]", preset="tiny")
+    assert method.identity() == "cam[lr=0.000123456789]"  # {:g} made it 0.000123457
+    assert create_method(method.identity(), preset="tiny").config == method.config
+    assert create_method("cam[lr=1e-05]", preset="tiny").identity() == "cam[lr=1e-05]"
+    assert create_method("cam[tta_scales=(0.5,1.0)]", preset="tiny").identity() == (
+        "cam[tta_scales=(0.5,1)]"
+    )
+    assert create_method("cam_affinitynet[beta=4.0]", preset="tiny").identity() == (
+        "cam_affinitynet[beta=4]"
+    )
+    deep = create_method("weaktr_refinery[vit_depth=None]", preset="tiny")
+    assert deep.config.vit_depth is None and deep.identity() == "weaktr_refinery[vit_depth=None]"
+
+
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("a,b[k=1,j=2],c", ["a", "b[k=1,j=2]", "c"]),
+        ("k=(1,2),j=[3,4],m={a: 1, b: 2}", ["k=(1,2)", "j=[3,4]", "m={a: 1, b: 2}"]),
+        ("k=\"a,b\",j='c,d'", ['k="a,b"', "j='c,d'"]),
+        ('k="a\\",b",j=1', ['k="a\\",b"', "j=1"]),
+        ("k='it''s, ok',j=1", ["k='it''s, ok'", "j=1"]),
+        ("path=/o'brien/x,j=1", ["path=/o'brien/x", "j=1"]),
+        (" a , ,b ", ["a", "b"]),
+        ("", []),
+    ],
+)
+def test_split_top_level(text, parts):
+    from methods.base import split_top_level
+
+    assert split_top_level(text) == parts

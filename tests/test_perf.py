@@ -157,7 +157,7 @@ def test_auto_walk_mode_follows_the_limits(monkeypatch):
 
 
 def test_stages_entry_times_every_stage_of_every_method_in_both_settings():
-    from benchmark import perf_stages
+    from benchmark.perf import stages
 
     result = perf.run_perf(smoke=True, only=["stages"])
     (row,) = result["entries"]
@@ -165,7 +165,7 @@ def test_stages_entry_times_every_stage_of_every_method_in_both_settings():
     fast, plain = row["stages"]["fast"], row["stages"]["plain"]
     assert [r["what"] for r in fast] == [r["what"] for r in plain]
     whats = [r["what"] for r in fast]
-    for name in (*perf_stages.STAGE_METHODS, "segmenter"):
+    for name in (*stages.stage_methods(), "segmenter"):
         assert f"{name}/maps" in whats
         assert any(w.startswith(f"{name}/") and w.endswith("(train)") for w in whats), whats
     assert "cam_affinitynet/affinity (train)" in whats  # a method's second stage is timed too
@@ -177,18 +177,72 @@ def test_stages_entry_times_every_stage_of_every_method_in_both_settings():
 
 
 def test_stages_options_come_from_the_command_line(monkeypatch):
-    from benchmark import perf_stages
-
     seen = {}
 
-    def entry(smoke):
-        seen["opts"] = perf_stages.OPTIONS
+    def entry(options):
+        seen["opts"] = options
         return {"ours_s": 1.0, "baseline_s": 1.0, "target": None, "note": "n", "throughput": "t"}
 
     monkeypatch.setitem(perf.PERF_ENTRIES, "stages", entry)
-    monkeypatch.setattr(perf_stages, "OPTIONS", perf_stages.OPTIONS)
     assert (
         perf.main(["--smoke", "--only", "stages", "--preset", "tiny", "--stage-images", "5"]) == 0
     )
-    assert seen["opts"].preset == "tiny" and seen["opts"].images == 5
-    assert seen["opts"].device == "cpu" and seen["opts"].amp is True
+    assert seen["opts"].preset == "tiny" and seen["opts"].stage_images == 5
+    assert seen["opts"].device == "cpu" and seen["opts"].amp is True and seen["opts"].smoke
+
+
+def test_stages_entry_times_every_registered_method(monkeypatch):
+    from dataclasses import dataclass
+
+    from benchmark.perf import stages
+    from methods.base import _REGISTRY, Method
+
+    @dataclass(frozen=True)
+    class NewConfig:
+        pass
+
+    class NewMethod(Method):
+        name = "perf_new_method"
+        Config = NewConfig
+
+    class NewReference(NewMethod):
+        name = "perf_new_reference"
+        kind = "reference"
+
+    import methods  # noqa: F401  (the registry is complete)
+
+    before = stages.stage_methods()
+    assert "cam" in before and "centre_prior" not in before  # references are not timed
+    monkeypatch.setitem(_REGISTRY, NewMethod.name, NewMethod)
+    monkeypatch.setitem(_REGISTRY, NewReference.name, NewReference)
+    assert stages.stage_methods() == sorted([*before, NewMethod.name])
+
+
+def test_entries_keep_the_table_order():
+    assert perf.list_entries() == [
+        "threshold_sweep",
+        "confusion_matrix",
+        "confusion_matrix_4class",
+        "image_cache",
+        "cam_extraction",
+        "finecam",
+        "dense_crf",
+        "random_walk",
+        "scale",
+        "stages",
+    ]
+
+
+def test_harness_imports_no_entry():
+    import ast
+    import inspect
+
+    from benchmark.perf import harness
+
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(harness))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+    assert not [m for m in imported if m.startswith("benchmark.perf")], imported

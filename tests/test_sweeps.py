@@ -23,7 +23,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from benchmark import config, sweeps
+from benchmark import config, sweeps, threshold
 from benchmark import runner as brunner
 from benchmark.cli import main
 from benchmark.config import RunConfig
@@ -114,13 +114,14 @@ def test_threshold_ties_go_to_the_lowest_threshold():
 
 def test_choose_threshold_goes_through_search_threshold(monkeypatch):
     calls = []
-    real = sweeps.search_threshold
+    real = threshold.search_threshold
+    assert sweeps.search_threshold is real  # the one implementation, re-exported by sweeps
 
     def spy(counts, *a, **k):
         calls.append(len(counts.thresholds))
         return real(counts, *a, **k)
 
-    monkeypatch.setattr(sweeps, "search_threshold", spy)
+    monkeypatch.setattr(threshold, "search_threshold", spy)
     rng = np.random.default_rng(0)
     gts = [(rng.random((16, 16)) < 0.4).astype(np.uint8) for _ in range(3)]
     maps = np.stack([np.clip(g * 0.6 + rng.random(g.shape) * 0.5, 0, 1) for g in gts])[:, None]

@@ -23,9 +23,9 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-logger = logging.getLogger(__name__)
+from datasets.conventions import IGNORE
 
-IGNORE = 255
+logger = logging.getLogger(__name__)
 
 
 def _check_image(image: np.ndarray, hw: tuple[int, int] | None = None) -> np.ndarray:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasets.conventions import IGNORE
 from methods.base import Context
 from methods.common.data import (
     apply_hflip,
@@ -56,7 +57,6 @@ from methods.common.weights import (
 
 logger = logging.getLogger(__name__)
 
-IGNORE = 255
 ARCHS = ("lraspp", "unet")
 
 

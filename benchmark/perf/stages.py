@@ -1,18 +1,21 @@
 """Perf entry ``stages``: images/s of every training stage and of map extraction, per method.
 
-For each method (and the shared segmenter) it fits on the same synthetic images with every
-training stage capped at one epoch (the runner's ``max_epochs``), then extracts the maps, twice:
-with the fast settings the runner uses (bf16 autocast on CUDA when ``--amp``; conv nets in
-channels_last) and with plain fp32 NCHW. Every stage is timed where the method asks the context
-for it (:meth:`methods.base.Context.stage`), so the numbers are the methods' own code paths, not
-a re-implementation. The entry's ratio is plain / fast over all stages; the per-stage
-throughputs are its check rows.
+For each registered method of kind ``method`` (:func:`stage_methods`: the references aside,
+every method, so a new one is timed without touching this module) and the shared segmenter, it
+fits on the same synthetic images with every training stage capped at one epoch (the runner's
+``max_epochs``), then extracts the maps, twice: with the fast settings the runner uses (bf16
+autocast on CUDA when ``--amp``; conv nets in channels_last) and with plain fp32 NCHW. Every
+stage is timed where the method asks the context for it (:meth:`methods.base.Context.stage`),
+so the numbers are the methods' own code paths, not a re-implementation. The entry's ratio is
+plain / fast over all stages; the per-stage throughputs are its check rows.
 
+Device, preset, images per stage and autocast come from the run's
+:class:`~benchmark.perf.harness.PerfOptions` (``perf --device/--preset/--stage-images/--no-amp``).
 On this machine the entry runs on the CPU at the ``quick`` preset (autocast is a no-op on the
 CPU, so the ratio there is what channels_last alone buys). On a GPU machine:
 ``python -m benchmark perf --only stages --device cuda --preset paper --stage-images 512``;
-the ``paper`` preset is run with ``pretrained=false`` (timing does not depend on the weights,
-and the GPU machines cannot download them).
+the ``paper`` preset is run with ``pretrained=false`` where a method has that field (timing
+does not depend on the weights, and the GPU machines cannot download them).
 """
 
 from __future__ import annotations
@@ -21,39 +24,23 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmark.perf import register_entry
+from benchmark.perf.harness import PerfOptions, register_entry
 
 logger = logging.getLogger(__name__)
 
-#: The methods timed, in table order; the segmenter follows them.
-STAGE_METHODS = ("cam", "cam_affinitynet", "ccam_ecs", "weaktr_refinery")
 
+def stage_methods() -> list[str]:
+    """The methods timed, in table order (sorted names): every registered kind ``method``."""
+    import methods  # noqa: F401  (registers every method)
+    from methods.base import list_methods
 
-@dataclass
-class StageOptions:
-    """What ``perf --device/--preset/--stage-images`` set for the ``stages`` entry.
-
-    Attributes:
-        device: torch device name (``cpu``, ``cuda``, ``cuda:N``).
-        preset: method preset (``quick`` by default; ``paper`` on a GPU).
-        images: images per stage (``None``: 128, or 16 in smoke mode).
-        amp: bf16 autocast in the fast setting (only acts on CUDA).
-    """
-
-    device: str = "cpu"
-    preset: str = "quick"
-    images: int | None = None
-    amp: bool = True
-
-
-#: Set by ``benchmark.perf.main`` from its command line.
-OPTIONS = StageOptions()
+    return list_methods(kind="method")
 
 
 def _sync(device: Any) -> None:
@@ -118,7 +105,7 @@ def _time_method(
     name: str, preset: str, train: Any, masks: np.ndarray, ctx: Any
 ) -> list[dict[str, Any]]:
     """Fit ``name`` (one epoch per stage) and extract its maps; one record per stage."""
-    from methods.base import create_method
+    from methods.base import create_method, get_method
     from methods.common.segmenter import (
         SEGMENTER_PRESETS,
         SegmenterConfig,
@@ -137,7 +124,10 @@ def _time_method(
         _sync(ctx.device)
         seconds = time.perf_counter() - t0
     else:
-        spec = f"{name}[pretrained=false]" if preset == "paper" else name
+        offline = preset == "paper" and any(
+            f.name == "pretrained" for f in fields(get_method(name).Config)
+        )
+        spec = f"{name}[pretrained=false]" if offline else name
         method = create_method(spec, preset=preset)
         method.fit(train, ctx)
         _sync(ctx.device)
@@ -173,17 +163,17 @@ def _synthetic_train(n: int, size: int, root: Path) -> tuple[Any, np.ndarray]:
 
 
 @register_entry("stages")
-def _stages(smoke: bool) -> dict[str, Any]:
+def _stages(opts: PerfOptions) -> dict[str, Any]:
     import torch
 
     from benchmark.config import PRESET_IMAGE_SIZE
 
-    opts = OPTIONS
+    smoke = opts.smoke
     preset = "tiny" if smoke else opts.preset
-    n = opts.images or (16 if smoke else 128)
+    n = opts.stage_images or (16 if smoke else 128)
     size = PRESET_IMAGE_SIZE[preset]
     device = torch.device(opts.device)
-    names = (*STAGE_METHODS, "segmenter")
+    names = (*stage_methods(), "segmenter")
     settings = {"fast": (opts.amp, True), "plain": (False, False)}
     results: dict[str, list[dict[str, Any]]] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory(prefix="wsss-perf-stages-") as tmp:

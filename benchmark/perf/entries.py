@@ -1,62 +1,39 @@
 """Perf entries beyond the evaluator: CAM, FineCAM, dense CRF, random walk and scale.
 
-Registered into :data:`benchmark.perf.PERF_ENTRIES` on import (``benchmark.perf`` imports this
-module at its end). Each entry checks that ours and its baseline compute the same thing before
-timing them, and refuses to time them otherwise. Models are randomly initialised (timing does
-not depend on the weights) and everything runs on the CPU, so every entry is testable here;
-on a GPU machine the same code paths would only need ``device`` changed.
+Registered into :data:`benchmark.perf.harness.PERF_ENTRIES` on import, after the entries of
+:mod:`benchmark.perf.evaluation` (:mod:`benchmark.perf.cli` imports both). Each entry checks
+that ours and its baseline compute the same thing before timing them, and refuses to time them
+otherwise. Models are randomly initialised (timing does not depend on the weights) and
+everything runs on the CPU, so every entry is testable here; on a GPU machine the same code
+paths would only need ``device`` changed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmark.perf import Unavailable, best_time, register_entry
+from benchmark.perf.harness import (
+    PerfOptions,
+    Unavailable,
+    best_time,
+    best_times_interleaved,
+    register_entry,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Reported when the benchmark extras (torchcam, grad-cam) are not installed.
 BENCH_EXTRAS = "skipped: install wsss-bench[bench] (torchcam, grad-cam)"
-
-
-def best_times_interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int = 5, min_total: float = 0.0
-) -> dict[str, float]:
-    """Best wall time of each callable, calling them in turn (one warm-up round first).
-
-    Interleaving makes slow drifts of a shared machine (other jobs starting and stopping) hit
-    every contender alike, which matters when two timings are compared at the 5 % level.
-
-    Args:
-        fns: name -> zero-argument callable.
-        rounds: timed rounds (each calls every function once).
-        min_total: keep going (up to ``4 * rounds``) until the slowest function has spent this
-            many seconds in timed calls.
-
-    Returns:
-        name -> smallest ``time.perf_counter`` difference.
-    """
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    spent = dict.fromkeys(fns, 0.0)
-    done = 0
-    while done < rounds or (min(spent.values()) < min_total and done < 4 * rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            best[name], spent[name] = min(best[name], dt), spent[name] + dt
-        done += 1
-    return best
 
 
 def _minmax(maps: Any) -> np.ndarray:
@@ -72,33 +49,51 @@ def _minmax(maps: Any) -> np.ndarray:
 
 
 # ---- CAM ----------------------------------------------------------------------------------
-@register_entry("cam_extraction")
-def _cam_extraction(smoke: bool) -> dict[str, Any]:
+def _cam_libraries() -> tuple[Any, Any, Any]:
+    """pytorch-grad-cam's ``GradCAM`` and ``ClassifierOutputTarget``, torchcam's ``CAM``.
+
+    Raises:
+        Unavailable: the benchmark extras are not installed.
+    """
     try:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
         from torchcam.methods import CAM as TorchCAM
     except ImportError as exc:
         raise Unavailable(f"{BENCH_EXTRAS}; {exc}") from exc
-    import copy
-    from types import SimpleNamespace
+    return GradCAM, ClassifierOutputTarget, TorchCAM
 
+
+def _cam_diffs(
+    placed: Any, tc_net: Any, extractor: Any, x: Any, y: Any, ours: Any, grad_cam: Any
+) -> dict[str, float]:
+    """Max abs differences of the min-max normalised maps; raises when the maps differ.
+
+    Raw maps at the feature grid (ours vs torchcam), and normalised maps at the input size
+    (``ours`` vs ``grad_cam``: GradCAM's gradient weights are W[c] / (h * w) here).
+    """
     import torch
-    import torch.nn.functional as F
+
+    with torch.no_grad():
+        _, feats = placed(x)  # ours' model
+        raw = torch.einsum("nkhw,nk->nhw", feats, placed.fc.weight[y])
+        tc_net(x)
+        raw_tc = extractor(class_idx=y.tolist(), normalized=False)[0]
+    diffs = {
+        "torchcam CAM": float(np.abs(_minmax(raw) - _minmax(raw_tc)).max()),
+        "GradCAM": float(np.abs(_minmax(ours[:, 0]) - _minmax(grad_cam)).max()),
+    }
+    if max(diffs.values()) >= 1e-5:
+        raise RuntimeError(f"CAM maps differ (max abs diff {diffs}): refusing to time them")
+    return diffs
+
+
+def _logits_only(net: Any) -> Any:
+    """``net`` wrapped to return its logits only: the model pytorch-grad-cam wants."""
+    import torch
     from torch import nn
 
-    from methods.cam import CAMNet
-    from methods.common.cam import tta_maps
-    from methods.common.data import place, seeded
-
-    batch, size, rounds = (4, 64, 2) if smoke else (32, 128, 5)
-    with seeded(0):
-        net = CAMNet("resnet18", 4, pretrained=False, output_stride=16).eval()
-        x = torch.randn(batch, 3, size, size)
-    y = torch.arange(batch) % 4
-    hw = (size, size)
-
-    class Logits(nn.Module):  # pytorch-grad-cam wants a model that returns the logits only
+    class Logits(nn.Module):
         def __init__(self, net: nn.Module) -> None:
             super().__init__()
             self.net = net
@@ -106,73 +101,14 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         def forward(self, inp: torch.Tensor) -> torch.Tensor:
             return self.net(inp)[0]
 
-    # Every contender gets its own copy of the same weights: torchcam and pytorch-grad-cam hook
-    # the model they are given (forward hooks that keep the activations), and those hooks must
-    # not slow down the bare forward pass or ours. Ours runs the model the way CAM.localize
-    # does: placed by ``place`` (channels_last, the runner's default); the baselines get the
-    # model as it comes (NCHW), as a user passes it.
-    placed = place(copy.deepcopy(net), SimpleNamespace(device=x.device, channels_last=True))
-    tc_net, gc_net = copy.deepcopy(net), copy.deepcopy(net)
-    gc_best = place(copy.deepcopy(net), SimpleNamespace(device=x.device, channels_last=True))
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return Logits(net)
 
-    def forward(model: nn.Module = net) -> Any:
-        with torch.no_grad():
-            return model(x)
 
-    def ours() -> torch.Tensor:  # CAM.localize's path: one forward, one einsum, normalise
-        with torch.no_grad():
-            return tta_maps(lambda inp: placed.cam(inp, y), x)  # (N, 1, H, W)
-
-    extractor = TorchCAM(
-        tc_net, target_layer=tc_net.backbone.layer4, fc_layer=tc_net.fc, input_shape=(3, *hw)
-    )
-    gradcam = GradCAM(model=Logits(gc_net), target_layers=[gc_net.backbone.layer4])
-    # pytorch-grad-cam's best case on this CPU: model and input in channels_last too
-    gradcam_cl = GradCAM(model=Logits(gc_best), target_layers=[gc_best.backbone.layer4])
-    targets = [ClassifierOutputTarget(int(c)) for c in y]
-    try:
-
-        def torchcam(normalized: bool = True) -> torch.Tensor:
-            with torch.no_grad():
-                tc_net(x)
-                cams = extractor(class_idx=y.tolist(), normalized=normalized)[0]  # (N, h, w)
-                return F.interpolate(cams[:, None], size=hw, mode="bilinear")
-
-        def grad_cam() -> np.ndarray:
-            return gradcam(input_tensor=x, targets=targets)  # (N, H, W), backward inside
-
-        def grad_cam_cl() -> np.ndarray:
-            return gradcam_cl(input_tensor=x_cl, targets=targets)
-
-        # Identical maps: raw maps at the feature grid (ours vs torchcam), and normalised maps
-        # at the input size (ours vs GradCAM, whose gradient weights are W[c] / (h * w) here).
-        with torch.no_grad():
-            _, feats = placed(x)  # ours' model
-            raw = torch.einsum("nkhw,nk->nhw", feats, placed.fc.weight[y])
-            tc_net(x)
-            raw_tc = extractor(class_idx=y.tolist(), normalized=False)[0]
-        diffs = {
-            "torchcam CAM": float(np.abs(_minmax(raw) - _minmax(raw_tc)).max()),
-            "GradCAM": float(np.abs(_minmax(ours()[:, 0]) - _minmax(grad_cam())).max()),
-        }
-        if max(diffs.values()) >= 1e-5:
-            raise RuntimeError(f"CAM maps differ (max abs diff {diffs}): refusing to time them")
-        times = best_times_interleaved(
-            {
-                "forward": forward,
-                "forward_cl": lambda: forward(placed),
-                "ours": ours,
-                "torchcam": torchcam,
-            },
-            rounds=rounds,
-        )
-        times["gradcam"] = best_time(grad_cam, repeats=2 if smoke else 3, min_total=0.0)
-        times["gradcam_cl"] = best_time(grad_cam_cl, repeats=2 if smoke else 3, min_total=0.0)
-    finally:
-        extractor.remove_hooks()
-        gradcam.activations_and_grads.release()
-        gradcam_cl.activations_and_grads.release()
+def _cam_result(
+    times: dict[str, float], diffs: dict[str, float], batch: int, size: int
+) -> dict[str, Any]:
+    """The ``cam_extraction`` row: ours vs the bare forward, the CAM libraries as comparisons."""
+    import torch
 
     def ips(key: str) -> str:
         return f"{batch / times[key]:,.0f} img/s"
@@ -223,6 +159,87 @@ def _cam_extraction(smoke: bool) -> dict[str, Any]:
         "channels_last as the runner places it); torchcam CAM (+ upsample) and "
         "pytorch-grad-cam GradCAM (backward pass) on the model as given (NCHW) as comparisons",
     }
+
+
+@register_entry("cam_extraction")
+def _cam_extraction(options: PerfOptions) -> dict[str, Any]:
+    smoke = options.smoke
+    GradCAM, ClassifierOutputTarget, TorchCAM = _cam_libraries()
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from methods.cam import CAMNet
+    from methods.common.cam import tta_maps
+    from methods.common.data import place, seeded
+
+    batch, size, rounds = (4, 64, 2) if smoke else (32, 128, 5)
+    with seeded(0):
+        net = CAMNet("resnet18", 4, pretrained=False, output_stride=16).eval()
+        x = torch.randn(batch, 3, size, size)
+    y = torch.arange(batch) % 4
+    hw = (size, size)
+
+    # Every contender gets its own copy of the same weights: torchcam and pytorch-grad-cam hook
+    # the model they are given (forward hooks that keep the activations), and those hooks must
+    # not slow down the bare forward pass or ours. Ours runs the model the way CAM.localize
+    # does: placed by ``place`` (channels_last, the runner's default); the baselines get the
+    # model as it comes (NCHW), as a user passes it.
+    placed = place(copy.deepcopy(net), SimpleNamespace(device=x.device, channels_last=True))
+    tc_net, gc_net = copy.deepcopy(net), copy.deepcopy(net)
+    gc_best = place(copy.deepcopy(net), SimpleNamespace(device=x.device, channels_last=True))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def forward(model: nn.Module = net) -> Any:
+        with torch.no_grad():
+            return model(x)
+
+    def ours() -> torch.Tensor:  # CAM.localize's path: one forward, one einsum, normalise
+        with torch.no_grad():
+            return tta_maps(lambda inp: placed.cam(inp, y), x)  # (N, 1, H, W)
+
+    extractor = TorchCAM(
+        tc_net, target_layer=tc_net.backbone.layer4, fc_layer=tc_net.fc, input_shape=(3, *hw)
+    )
+    gradcam = GradCAM(model=_logits_only(gc_net), target_layers=[gc_net.backbone.layer4])
+    # pytorch-grad-cam's best case on this CPU: model and input in channels_last too
+    gradcam_cl = GradCAM(model=_logits_only(gc_best), target_layers=[gc_best.backbone.layer4])
+    targets = [ClassifierOutputTarget(int(c)) for c in y]
+    try:
+
+        def torchcam(normalized: bool = True) -> torch.Tensor:
+            with torch.no_grad():
+                tc_net(x)
+                cams = extractor(class_idx=y.tolist(), normalized=normalized)[0]  # (N, h, w)
+                return F.interpolate(cams[:, None], size=hw, mode="bilinear")
+
+        def grad_cam() -> np.ndarray:
+            return gradcam(input_tensor=x, targets=targets)  # (N, H, W), backward inside
+
+        def grad_cam_cl() -> np.ndarray:
+            return gradcam_cl(input_tensor=x_cl, targets=targets)
+
+        diffs = _cam_diffs(placed, tc_net, extractor, x, y, ours(), grad_cam())
+        times = best_times_interleaved(
+            {
+                "forward": forward,
+                "forward_cl": lambda: forward(placed),
+                "ours": ours,
+                "torchcam": torchcam,
+            },
+            rounds=rounds,
+        )
+        times["gradcam"] = best_time(grad_cam, repeats=2 if smoke else 3, min_total=0.0)
+        times["gradcam_cl"] = best_time(grad_cam_cl, repeats=2 if smoke else 3, min_total=0.0)
+    finally:
+        extractor.remove_hooks()
+        gradcam.activations_and_grads.release()
+        gradcam_cl.activations_and_grads.release()
+
+    return _cam_result(times, diffs, batch, size)
 
 
 # ---- FineCAM ------------------------------------------------------------------------------
@@ -285,7 +302,8 @@ def _finecam_original(
 
 
 @register_entry("finecam")
-def _finecam(smoke: bool) -> dict[str, Any]:
+def _finecam(options: PerfOptions) -> dict[str, Any]:
+    smoke = options.smoke
     import torch
 
     from methods.common.data import seeded
@@ -350,10 +368,10 @@ def _crf_inputs(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 @register_entry("dense_crf")
-def _dense_crf(smoke: bool) -> dict[str, Any]:
+def _dense_crf(options: PerfOptions) -> dict[str, Any]:
     from methods.common.crf import default_workers, dense_crf, dense_crf_many
 
-    n, size = (8, 48) if smoke else (32, 128)
+    n, size = (8, 48) if options.smoke else (32, 128)
     images, probs = _crf_inputs(n, size)
     workers = default_workers()
 
@@ -380,7 +398,8 @@ def _dense_crf(smoke: bool) -> dict[str, Any]:
 
 # ---- random walk --------------------------------------------------------------------------
 @register_entry("random_walk")
-def _random_walk(smoke: bool) -> dict[str, Any]:
+def _random_walk(options: PerfOptions) -> dict[str, Any]:
+    smoke = options.smoke
     import torch
 
     from methods.common import random_walk as rw
@@ -522,10 +541,10 @@ def scale_child(n_images: int, size: int, root: str) -> dict[str, Any]:
 
 
 def _run_scale_child(n_images: int, size: int, timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), *sys.path])}
     with tempfile.TemporaryDirectory(prefix="wsss-perf-scale-") as tmp:
         code = (
-            "from benchmark.perf_entries import scale_child; "
+            "from benchmark.perf.entries import scale_child; "
             f"scale_child({n_images}, {size}, {tmp!r})"
         )
         proc = subprocess.run(
@@ -541,7 +560,8 @@ def _run_scale_child(n_images: int, size: int, timeout: float) -> dict[str, Any]
 
 
 @register_entry("scale")
-def _scale(smoke: bool) -> dict[str, Any]:
+def _scale(options: PerfOptions) -> dict[str, Any]:
+    smoke = options.smoke
     small_n, size = (48, 32) if smoke else (600, 64)
     large_n = 4 * small_n
     small = _run_scale_child(small_n, size, timeout=120 if smoke else 300)
