@@ -33,9 +33,10 @@ def test_inference_fields_are_config_fields(name):
     assert set(method.inference_fields) <= set(method.params()), name
 
 
-def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
+def _classifier_costs(tmp_path, methods):
+    """All rows of a tiny run of ``methods``, and its ``fit:classifier`` cost rows."""
     cfg = RunConfig(
-        methods=["cam", "cam[tta=true]"],
+        methods=methods,
         preset="tiny",
         out=str(tmp_path),
         device="cpu",
@@ -43,7 +44,11 @@ def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
         report=False,
     ).validate()
     rows = Runner(cfg).run_all()
-    cost = rows[(rows["aggregation"] == "cost") & (rows["stage"] == "fit:classifier")]
+    return rows, rows[(rows["aggregation"] == "cost") & (rows["stage"] == "fit:classifier")]
+
+
+def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
+    rows, cost = _classifier_costs(tmp_path, ["cam", "cam[tta=true]"])
     variant = create_method("cam[tta=true]", preset="tiny").identity()
     reused = cost.groupby("method_id")["reused"].all()
     assert not reused["cam"] and reused[variant]
@@ -54,17 +59,8 @@ def test_runner_reuses_the_fitted_stages_of_an_inference_variant(tmp_path):
 
 def test_cam_affinitynet_shares_the_cam_runs_classifier(tmp_path):
     """The classifier inside cam_affinitynet is the cam run's: one file, trained once."""
-    cfg = RunConfig(
-        methods=["cam_affinitynet", "cam"],
-        preset="tiny",
-        out=str(tmp_path),
-        device="cpu",
-        segmenter_epochs=1,
-        report=False,
-    ).validate()
-    rows = Runner(cfg).run_all()
+    rows, cost = _classifier_costs(tmp_path, ["cam_affinitynet", "cam"])
     assert set(rows["status"]) == {"done"}
-    cost = rows[(rows["aggregation"] == "cost") & (rows["stage"] == "fit:classifier")]
     reused = cost.groupby("method")["reused"].all()
     assert not reused["cam_affinitynet"] and reused["cam"]  # cam_affinitynet ran first
     classifiers = sorted(p.relative_to(tmp_path) for p in tmp_path.glob("stages/*/*/classifier.pt"))
