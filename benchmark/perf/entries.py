@@ -493,11 +493,11 @@ def scale_child(n_images: int, size: int, root: str) -> dict[str, Any]:
         of the four steps, the process's peak RSS (VmHWM) and its RSS before them.
     """
     import torch
-    from numpy.lib.format import open_memmap
 
     import datasets
     from benchmark.accounting import _host_peak_mb
     from benchmark.evaluate import ThresholdSweep
+    from datasets.cache import new_array
     from datasets.conventions import trimap_to_mask
     from methods.base import Context, ImageSet
     from methods.cam import CAM, CAMNet
@@ -515,9 +515,8 @@ def scale_child(n_images: int, size: int, root: str) -> dict[str, Any]:
     with seeded(0):
         method.model = CAMNet("resnet18", ds.num_classes, False, 16).eval()
     ctx = Context(device=torch.device("cpu"), workdir=work)
-    maps = open_memmap(
-        work / "maps.npy", mode="w+", dtype=np.float32, shape=(n_images, 1, size, size)
-    )
+    # blocks reserved before mapping: a full disk is an OSError here, not a SIGBUS later
+    maps = new_array(work / "maps.npy", np.float32, (n_images, 1, size, size))
     sweep = ThresholdSweep(100)
     chunk = 256
     labels = np.asarray(cache.labels)
