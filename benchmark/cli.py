@@ -358,9 +358,26 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if isinstance(exc, OutputError):  # disk full, unwritable results: earlier ones intact
             print(f"error: {exc.strerror}", file=sys.stderr)
             return 1
-        raise
+        storage = getattr(args, "storage", None)
+        if not storage:
+            raise
+        return _redacted_traceback(storage)
     parser.print_help()
     return 0
+
+
+def _redacted_traceback(storage: str) -> int:
+    """Print the traceback in flight with every secret of ``storage`` masked; exit code 1.
+
+    An unexpected error while a storage URL is in use (a sweep or a worker) may quote it: a
+    driver names the host it failed to reach, which holds part of a password with a raw ``@``.
+    """
+    import traceback
+
+    from benchmark.config import redact
+
+    print(redact(traceback.format_exc(), storage), file=sys.stderr, end="")
+    return 1
 
 
 def _error(exc: BaseException) -> None:

@@ -406,6 +406,21 @@ def test_driver_error_messages_are_redacted(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Tw0sEcr" not in err
 
 
+def test_unexpected_error_mid_sweep_is_a_redacted_traceback(tmp_path, capsys, monkeypatch):
+    """An error raised after the storage is open never prints its password (exit 1)."""
+    url = f"sqlite:///{tmp_path}/p.db?password=Hunter7@Tw0sEcr"
+
+    def fail(storage, *args, **kwargs):
+        raise RuntimeError(f"lost the connection to {storage} (Tw0sEcr@127.0.0.1)")
+
+    monkeypatch.setattr(sweeps, "run_worker", fail)
+    code = main(["worker", "--storage", url, "--study", "s", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "RuntimeError: lost the connection" in err and "Traceback" in err
+    assert not [f for f in _secret_forms("Hunter7@Tw0sEcr") if f in err]
+    assert "Tw0sEcr" not in err
+
+
 def _files_holding(root: Path, forms: set[str]) -> list[str]:
     """Every file under ``root`` (text or binary) holding one of ``forms``, with the form."""
     found = []
