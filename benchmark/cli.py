@@ -376,7 +376,8 @@ def _redacted_traceback(storage: str) -> int:
 
     from benchmark.config import redact
 
-    print(redact(traceback.format_exc(), storage), file=sys.stderr, end="")
+    masked = redact(traceback.format_exc(), storage)
+    print(masked, file=sys.stderr, end="")
     return 1
 
 
