@@ -15,13 +15,13 @@ from benchmark.perf.harness import PERF_ENTRIES, PerfOptions, format_table, run_
 
 # The entry modules register themselves when imported, in this order: the table's order.
 # isort: split
-from benchmark.perf import evaluation  # noqa: F401
+import benchmark.perf.evaluation  # noqa: F401
 
 # isort: split
-from benchmark.perf import entries  # noqa: F401
+import benchmark.perf.entries  # noqa: F401
 
 # isort: split
-from benchmark.perf import stages  # noqa: F401
+import benchmark.perf.stages  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
