@@ -1,4 +1,4 @@
-"""wsss-bench datasets: Oxford-IIIT Pet, a synthetic generator, splits and an image cache.
+"""wsss-bench datasets: Oxford-IIIT Pet, PASCAL VOC 2012, synthetic generators, splits, a cache.
 
 This package is ``datasets`` of the wsss-bench project, not the HuggingFace library of the
 same name; ``tests/test_datasets.py`` checks that ``import datasets`` resolves here.
@@ -14,6 +14,9 @@ from datasets.oxford_pet import Exclusion, OxfordPet, Record
 from datasets.registry import create_dataset, get_dataset, list_datasets, register_dataset
 from datasets.splits import SPLIT_SCHEMES, Split, make_split
 from datasets.synthetic import SYNTHETIC_PRESETS, SyntheticPets, generate_synthetic
+from datasets.synthetic_voc import SYNTHETIC_VOC_PRESETS, SyntheticVOC, generate_synthetic_voc
+from datasets.voc import VOC2012, VocRecord
+from datasets.voc_format import VOC_CLASSES, load_cls_labels
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ __all__ = [
     "CONVENTIONS",
     "SPLIT_SCHEMES",
     "SYNTHETIC_PRESETS",
+    "SYNTHETIC_VOC_PRESETS",
     "DatasetError",
     "Exclusion",
     "ImageCache",
@@ -28,11 +32,17 @@ __all__ = [
     "Record",
     "Split",
     "SyntheticPets",
+    "SyntheticVOC",
+    "VOC2012",
+    "VOC_CLASSES",
+    "VocRecord",
     "build_cache",
     "create_dataset",
     "generate_synthetic",
+    "generate_synthetic_voc",
     "get_dataset",
     "list_datasets",
+    "load_cls_labels",
     "make_split",
     "register_dataset",
     "trimap_to_mask",

@@ -4,10 +4,13 @@ A cache holds, for an ordered list of image names of a dataset, at one working s
 
 - ``images.npy``  (N, S, S, 3) uint8, PIL bilinear resize of the decoded RGB image (the aspect
   ratio is squashed; evaluation restores it, since original trimaps are kept);
-- ``trimaps.npy`` (N, S, S) uint8, raw trimap values 1/2/3, PIL nearest resize;
+- ``trimaps.npy`` (N, S, S) uint8, raw trimap values 1/2/3, PIL nearest resize (for a
+  multi-class dataset such as ``voc2012``: its class masks, 0..C and 255, read through the
+  same ``load_trimap``; :meth:`ImageCache.masks` with ``convention=None`` returns them as is);
 - ``orig_trimaps.npy`` one flat uint8 array of every original-resolution trimap, with
   ``orig_offsets.npy`` (N + 1,) int64 and ``orig_sizes.npy`` (N, 2) int64 (H, W);
-- ``labels.npy`` (N,) int64, ``names.json``; ``manifest.json`` (key and counts) written last.
+- ``labels.npy`` (N,) int64 (or (N, C) multi-hot when the records' ``label`` is a vector),
+  ``names.json``; ``manifest.json`` (key and counts) written last.
 
 The folder is ``root / key[:16]`` where ``key = sha256(dataset fingerprint, size, names)``: any
 change of a file, a label, the size or the name list gives a new folder. It is built in a
@@ -184,7 +187,7 @@ class ImageCache:
         names: image names, in cache order.
         images: (N, S, S, 3) uint8 memory map.
         trimaps: (N, S, S) uint8 memory map (values 1/2/3).
-        labels: (N,) int64.
+        labels: (N,) int64, or (N, C) multi-hot for a multi-label dataset.
         orig_sizes: (N, 2) int64, (H, W) of each original image.
         excluded: images requested but left out, as ``{"name", "file", "reason"}`` dicts.
     """
@@ -209,7 +212,7 @@ class ImageCache:
             "images": (n, self.size, self.size, 3),
             "trimaps": (n, self.size, self.size),
             "orig_sizes": (n, 2),
-            "labels": (n,),
+            "labels": (n, *arrays["labels"].shape[1:2]),  # (N,) or (N, C)
             "orig_offsets": (n + 1,),
         }
         for key, shape in shapes.items():
@@ -266,14 +269,22 @@ class ImageCache:
         h, w = (int(v) for v in self.orig_sizes[i])
         return self._orig[self._offsets[i] : self._offsets[i + 1]].reshape(h, w)
 
-    def masks(self, convention: str = "pet") -> np.ndarray:
-        """(N, S, S) uint8 masks (0 / 1 / 255) of the resized trimaps, computed once."""
+    def masks(self, convention: str | None = "pet") -> np.ndarray:
+        """(N, S, S) uint8 masks (0 / 1 / 255) of the resized trimaps, computed once.
+
+        ``convention=None``: the stored values as they are (class masks of a multi-class
+        dataset: 0 background, 1..C, 255 ignored).
+        """
+        if convention is None:
+            return np.asarray(self.trimaps)
         if convention not in self._masks:
             self._masks[convention] = trimap_to_mask(np.asarray(self.trimaps), convention)
         return self._masks[convention]
 
-    def orig_mask(self, i: int, convention: str = "pet") -> np.ndarray:
-        """(H, W) uint8 mask of image ``i`` at its original resolution."""
+    def orig_mask(self, i: int, convention: str | None = "pet") -> np.ndarray:
+        """(H, W) uint8 mask of image ``i`` at its original resolution (None: stored values)."""
+        if convention is None:
+            return np.asarray(self.orig_trimap(i))
         return trimap_to_mask(self.orig_trimap(i), convention)
 
 

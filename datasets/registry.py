@@ -13,7 +13,12 @@ _REGISTRY: dict[str, type] = {}
 
 # Modules that register the built-in datasets; imported lazily so that the registry works
 # even when only ``datasets.registry`` was imported.
-_BUILTIN_MODULES = ("datasets.oxford_pet", "datasets.synthetic")
+_BUILTIN_MODULES = (
+    "datasets.oxford_pet",
+    "datasets.synthetic",
+    "datasets.voc",
+    "datasets.synthetic_voc",
+)
 
 T = TypeVar("T", bound=type)
 
