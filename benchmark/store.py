@@ -44,9 +44,12 @@ def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_curve(out: Path, name: str, frame: pd.DataFrame) -> Path:
-    """Write a validation IoU-vs-threshold curve to ``OUT/results/curves/<name>.parquet``."""
-    path = Path(out) / "results" / "curves" / f"{name}.parquet"
+def write_curve(out: Path, name: str, frame: pd.DataFrame, folder: str = "curves") -> Path:
+    """Write a validation IoU-vs-threshold curve to ``OUT/results/<folder>/<name>.parquet``.
+
+    ``folder`` is ``curves`` for the runner's sweeps, ``sweep_curves`` for threshold studies.
+    """
+    path = Path(out) / "results" / folder / f"{name}.parquet"
     _write_parquet(path, frame)
     return path
 
@@ -196,6 +199,9 @@ RUN_IDENTITY = (
     "segmenter",
     "segmenter_epochs",
     "budget_minutes",
+    "max_epochs",
+    "amp",
+    "fixed_threshold",
 )
 
 
@@ -235,6 +241,29 @@ def latest_runs(rows: pd.DataFrame) -> pd.DataFrame:
 
 #: Columns that locate one value within a run (besides ``run_key`` and ``gt_ratio``).
 RESULT_COLUMNS = ("stage", "split", "convention", "aggregation", "metric")
+#: The row schema: columns every row the harness stores carries (runs, sweep points, studies,
+#: failures). The runner's base row supplies the identity; stages add the rest.
+ROW_COLUMNS = (
+    *RUN_IDENTITY,
+    "method",
+    "kind",
+    "run_key",
+    "date",
+    "status",
+    "reason",
+    *RESULT_COLUMNS,
+    "value",
+    "threshold",
+)
+
+
+def check_row_schema(rows: list[dict[str, Any]]) -> None:
+    """Raise ValueError naming the columns of :data:`ROW_COLUMNS` a row lacks (a harness bug)."""
+    for row in rows:
+        missing = [c for c in ROW_COLUMNS if c not in row]
+        if missing:
+            what = f"{row.get('stage', '?')}/{row.get('metric', '?')}"
+            raise ValueError(f"result row {what} lacks the columns {', '.join(missing)}")
 
 
 def unique_per_image(frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,8 @@ trial costs microseconds. ``python -m benchmark run`` chooses its threshold with
 :func:`choose_threshold` at the :data:`SWEEP_BINS` grid (every threshold evaluated), ``sweep
 threshold`` with :func:`search_threshold` at :data:`THRESHOLD_BINS` (coarse grid, fine
 neighbours of the best coarse thresholds, then TPE). Thresholds are always pet-map thresholds
-(``pet map >= t``), under every convention.
+(``pet map >= t``), under every convention. :func:`map_pxap` scores the maps without a
+threshold (pixel average precision) from the same kind of sweep.
 
 This module sits in the lowest layer of ``benchmark``: the runner and the sweeps import it, it
 imports neither.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.evaluate import METRICS, SweepCounts, ThresholdSweep
-from datasets.conventions import get_convention
+from datasets.conventions import CONVENTIONS, get_convention
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ SWEEP_BINS = 100  # threshold grid resolution of the validation sweep (0.01)
 THRESHOLD_BINS = 1000  # 1,001 thresholds i / 1000 for the threshold sweep
 COARSE_STEP = 0.01  # the coarse grid search_threshold evaluates first
 FINE_PEAKS = 3  # coarse thresholds whose fine neighbourhoods are evaluated next
+#: PxAP's precision-recall curve: 1,001 thresholds (wsolevaluation's default 0.001 interval)
+PXAP_BINS = THRESHOLD_BINS
+#: The split parts whose maps get a PxAP row: validation (threshold choice), test, train.
+PXAP_PARTS = ("val", "test", "train")
 
 
 def sweep_counts(
@@ -48,6 +53,68 @@ def sweep_counts(
     sweep.add_many([p[0] for p in pairs], [p[1] for p in pairs])  # one batched, threaded pass
     counts = sweep.counts()
     return counts.inverted() if get_convention(convention).positive_is_background else counts
+
+
+def map_pxap(
+    maps: np.ndarray, masks: Iterator[np.ndarray], convention: str, n_bins: int = PXAP_BINS
+) -> float:
+    """Pixel average precision of a split's pet maps under a convention (threshold-free).
+
+    One one-pass sweep (:func:`sweep_counts`) at ``n_bins`` and
+    :meth:`benchmark.evaluate.SweepCounts.pxap`: the area under the split's pixel
+    precision-recall curve (Choe et al., CVPR 2020). Where the convention's positive class is
+    the background side, the curve is that of the complement prediction ``pet map < t``.
+
+    Args:
+        maps: (N, 1, h, w) pet maps in [0, 1].
+        masks: per image, its (H, W) GT mask under ``convention``.
+        convention: the scoring convention.
+        n_bins: threshold grid resolution.
+
+    Returns:
+        PxAP in [0, 1]; NaN when the split has no positive pixel.
+    """
+    return sweep_counts(maps, masks, convention, n_bins).pxap()
+
+
+def pxap_rows(
+    maps: Mapping[str, np.ndarray],
+    masks: Callable[[str, str], Iterable[np.ndarray]],
+    common: Mapping[str, Any],
+    n_bins: int = PXAP_BINS,
+) -> list[dict[str, Any]]:
+    """Result rows of the threshold-free PxAP of a run's maps, per split part and convention.
+
+    One row per part of :data:`PXAP_PARTS` present in ``maps`` and per convention of
+    :data:`datasets.conventions.CONVENTIONS`: stage ``maps``, aggregation ``dataset`` (the
+    pixels of the whole part pooled), metric ``pxap``, no threshold (NaN, as a cost row).
+
+    Args:
+        maps: split part -> its (N, 1, h, w) pet maps in [0, 1].
+        masks: ``masks(part, convention)`` -> the part's original-resolution GT masks, in the
+            order of the maps (``DataBundle.orig_masks``).
+        common: the columns every row of the run shares.
+        n_bins: threshold grid resolution of the precision-recall curve.
+
+    Returns:
+        The rows, ready to extend a run's quality rows.
+    """
+    return [
+        {
+            **common,
+            "threshold": float("nan"),  # threshold-free
+            "threshold_source": "",
+            "stage": "maps",
+            "split": part,
+            "convention": convention,
+            "aggregation": "dataset",
+            "metric": "pxap",
+            "value": map_pxap(maps[part], iter(masks(part, convention)), convention, n_bins),
+        }
+        for part in PXAP_PARTS
+        if part in maps
+        for convention in CONVENTIONS
+    ]
 
 
 def choose_threshold(

@@ -51,6 +51,14 @@ class Convention:
     border: int
 
     @property
+    def description(self) -> str:
+        """What is positive and what is ignored, in words (for tables and reports)."""
+        side = {1: "positive", 0: "negative", IGNORE: "ignored"}
+        return (
+            f"pet {side[self.pet]}, background {side[self.background]}, border {side[self.border]}"
+        )
+
+    @property
     def positive_is_background(self) -> bool:
         """True where the positive class is the background side (``weaktr_refinery``)."""
         return self.background == 1

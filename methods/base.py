@@ -48,11 +48,13 @@ class ImageSet:
 
     Attributes:
         images: (N, H, W, 3) uint8 images at the working resolution (often a memory map).
-        labels: (N,) int64 class index of each image (0-based).
+        labels: (N,) int64 class index of each image (0-based); on a multi-label dataset
+            (PASCAL VOC, ``synthetic_voc``) (N, C) uint8 multi-hot image tags.
         num_classes: number of image-level classes.
         names: image identifiers, in the order of ``images``.
         masks: (N, H, W) uint8 masks (0 background, 1 pet, 255 ignore) at the working
-            resolution; only given to methods with ``uses_masks = True`` (the references).
+            resolution; on a multi-label dataset class masks (0 background, 1..C, 255 ignore).
+            Only given to methods with ``uses_masks = True`` (the references).
     """
 
     images: np.ndarray
@@ -63,6 +65,18 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def multilabel(self) -> bool:
+        """True when ``labels`` are (N, C) multi-hot tags (several classes per image)."""
+        return np.ndim(self.labels) == 2
+
+    def tags(self) -> np.ndarray:
+        """(N, C) float32 multi-hot tags (one-hot of ``labels`` on a single-label dataset)."""
+        labels = np.asarray(self.labels)
+        if self.multilabel:
+            return labels.astype(np.float32)
+        return np.eye(self.num_classes, dtype=np.float32)[labels.astype(np.int64)]
 
     def subset(self, index: slice | np.ndarray | list[int]) -> ImageSet:
         """Return the images selected by ``index`` (a slice keeps memory maps lazy)."""
@@ -191,6 +205,12 @@ class Method:
     uses_masks: ClassVar[bool] = False
     kind: ClassVar[str] = "method"
     fixed_threshold: ClassVar[float | None] = None
+    #: True if the method handles multi-label datasets (labels (N, C), maps of every tagged
+    #: class); the runner records the others as ``unsupported`` on such datasets.
+    multilabel: ClassVar[bool] = False
+    #: True for a reference whose pseudo masks are the GT masks (``supervised``): the runner
+    #: then trains the segmenter on the working-resolution GT instead of thresholded maps.
+    pseudo_from_gt: ClassVar[bool] = False
     #: Config fields read only by localize/refine, never by fit: variants that differ only in
     #: them (``ccam_ecs[crf=true]``, ``weaktr_refinery[map=decoder]``) share the fitted
     #: stages and the training seed, so they are compared on the very same trained model.

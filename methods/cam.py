@@ -44,7 +44,13 @@ from torch import nn
 
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.backbones import create_backbone
-from methods.common.cam import cam_from_features, tta_maps
+from methods.common.cam import (
+    cam_from_features,
+    class_cams,
+    multilabel_loss,
+    tagged_only,
+    tta_maps,
+)
 from methods.common.data import (
     autocast,
     check_loss,
@@ -98,8 +104,13 @@ class CAMNet(nn.Module):
         return logits, feats
 
     def cam(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Raw CAM (N, 1, h, w) of each image's class in ``labels``."""
+        """Raw CAM (N, 1, h, w) of each image's class in ``labels``.
+
+        With (N, C) tags as ``labels`` (multi-label): the CAM of every class, (N, C, h, w).
+        """
         _, feats = self(x)
+        if labels.dim() == 2:
+            return class_cams(feats, self.fc.weight)
         return cam_from_features(feats, self.fc.weight, labels)
 
 
@@ -108,6 +119,7 @@ class CAM(Method):
     """Class activation maps of a ResNet + GAP + linear classifier."""
 
     name = "cam"
+    multilabel = True
     inference_fields = frozenset({"tta", "tta_scales", "infer_batch_size"})
     Config = Config
     presets = {
@@ -164,7 +176,7 @@ class CAM(Method):
             weight_decay=cfg.weight_decay,
         )
         gen = ctx.generator(offset=1)
-        labels = np.array(train.labels, dtype=np.int64)  # a writable copy
+        labels = np.array(train.labels, dtype=np.int64)  # a writable copy (tags: (N, C))
         n, bs = len(train), cfg.batch_size
         steps = 0
         epochs = stage_epochs(cfg.epochs, n, bs, cfg.min_steps, drop_last=True)
@@ -181,7 +193,10 @@ class CAM(Method):
                 y = torch.from_numpy(labels[idx]).to(ctx.device)
                 with autocast(ctx.device, ctx.amp):
                     logits, _ = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                if train.multilabel:  # several tags per image: the multi-label soft margin
+                    loss = multilabel_loss(logits, y)
+                else:
+                    loss = F.cross_entropy(logits.float(), y)
                 total += check_loss(loss, "cam classifier", steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -192,14 +207,18 @@ class CAM(Method):
 
     @torch.no_grad()
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """CAM of each image's label class, (N, 1, H, W) float32 in [0, 1]."""
+        """CAM of each image's label class, (N, 1, H, W) float32 in [0, 1].
+
+        On a multi-label dataset: the CAM of every class, (N, C, H, W), each normalised by its
+        own maximum, untagged classes zero.
+        """
         if self.model is None:
             raise RuntimeError("cam.localize called before fit()")
         cfg = self.config
         model = place(self.model, ctx).eval()
         scales = tuple(cfg.tta_scales) if cfg.tta else (1.0,)
         h, w = batch.images.shape[1:3]
-        out = np.empty((len(batch), 1, h, w), dtype=np.float32)
+        out = np.empty((len(batch), batch.num_classes if batch.multilabel else 1, h, w), np.float32)
         labels = np.array(batch.labels, dtype=np.int64)  # a writable copy
         for start in range(0, len(batch), cfg.infer_batch_size):
             sl = slice(start, start + cfg.infer_batch_size)
@@ -210,7 +229,9 @@ class CAM(Method):
                 with autocast(ctx.device, ctx.amp):
                     return model.cam(inp, y).float()  # (B, 1, h', w')
 
-            maps = tta_maps(raw_cam, x, scales=scales, flip=cfg.tta)  # (B, 1, H, W)
+            maps = tta_maps(raw_cam, x, scales=scales, flip=cfg.tta)  # (B, 1 or C, H, W)
+            if batch.multilabel:
+                maps = tagged_only(maps, y)
             out[sl] = maps.clamp_(0.0, 1.0).cpu().numpy()
         return out
 

@@ -7,8 +7,13 @@
   fraction of the train masks. Pets are large and centred, so this floor is not low: a method
   that does not beat it has learned nothing about the images.
 
+On a multi-label dataset (PASCAL VOC, ``synthetic_voc``) each gives one map per class: the GT
+class masks; ones for every tagged class (the first tagged class everywhere once pseudo labels
+take the argmax); the ellipse (covering the mean foreground fraction) for every tagged class.
+
 These are not methods from a paper; they have no deviations. Their maps are binary, so they
-use ``fixed_threshold = 0.5`` instead of a threshold sweep.
+use ``fixed_threshold = 0.5`` instead of a threshold sweep (a background score of 0.5 on a
+multi-class dataset).
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ class EmptyConfig:
 _PRESETS: dict[str, dict] = {"paper": {}, "quick": {}, "tiny": {}}
 
 
+def _channels(batch: ImageSet) -> np.ndarray:
+    """(N, C, 1, 1) tags on a multi-label dataset (maps of untagged classes are zero), else 1."""
+    if not batch.multilabel:
+        return np.ones((len(batch), 1, 1, 1), dtype=np.float32)
+    return batch.tags()[:, :, None, None]
+
+
 def _need_masks(batch: ImageSet, who: str) -> np.ndarray:
     if batch.masks is None:
         raise ValueError(f"{who} reads ground-truth masks, but the ImageSet has none (masks=None)")
@@ -48,13 +60,20 @@ class Supervised(Method):
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"
+    multilabel = True
     uses_masks = True
     fixed_threshold = 0.5
     pseudo_from_gt: ClassVar[bool] = True  # the runner uses the GT masks (with ignore) as pseudo
 
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """``mask == 1`` as a float map (N, 1, H, W); ignore pixels count as 0."""
+        """``mask == 1`` as a float map (N, 1, H, W); ignore pixels count as 0.
+
+        Multi-label: ``mask == c + 1`` for every class c, (N, C, H, W).
+        """
         masks = _need_masks(batch, "supervised")
+        if batch.multilabel:
+            classes = np.arange(1, batch.num_classes + 1, dtype=masks.dtype)
+            return (masks[:, None] == classes[None, :, None, None]).astype(np.float32)
         return (masks == 1).astype(np.float32)[:, None]
 
 
@@ -66,12 +85,16 @@ class AllForeground(Method):
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"
+    multilabel = True
     fixed_threshold = 0.5
 
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """Ones (N, 1, H, W)."""
+        """Ones (N, 1, H, W); multi-label: ones for every tagged class, (N, C, H, W).
+
+        With several tags the maps tie everywhere; pseudo labels take the first tagged class.
+        """
         n, h, w = batch.images.shape[:3]
-        return np.ones((n, 1, h, w), dtype=np.float32)
+        return np.ones((n, 1, h, w), dtype=np.float32) * _channels(batch)
 
 
 def centred_ellipse(h: int, w: int, fraction: float) -> np.ndarray:
@@ -111,6 +134,7 @@ class CentrePrior(Method):
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"
+    multilabel = True
     uses_masks = True
     fixed_threshold = 0.5
 
@@ -131,7 +155,7 @@ class CentrePrior(Method):
             raise RuntimeError("centre_prior.localize called before fit()")
         n, h, w = batch.images.shape[:3]
         ellipse = centred_ellipse(h, w, self.fraction).astype(np.float32)
-        return np.broadcast_to(ellipse, (n, 1, h, w)).copy()
+        return np.broadcast_to(ellipse, (n, 1, h, w)) * _channels(batch)
 
 
 def _mean_fraction(masks: np.ndarray) -> torch.Tensor:
@@ -139,8 +163,8 @@ def _mean_fraction(masks: np.ndarray) -> torch.Tensor:
     for m in masks:  # one image at a time (masks may be a memory map)
         m = np.asarray(m)
         labelled = int((m != IGNORE).sum())
-        if labelled:
-            fractions.append(float((m == 1).sum()) / labelled)
+        if labelled:  # foreground: any class (pet, or 1..C on a multi-class dataset)
+            fractions.append(float(((m != 0) & (m != IGNORE)).sum()) / labelled)
     if not fractions:
         raise ValueError("centre_prior: every train mask is entirely ignored (255)")
     return torch.tensor(float(np.mean(fractions)), dtype=torch.float64)

@@ -22,10 +22,12 @@ import numpy as np
 import pandas as pd
 
 from benchmark.store import atomic_write_text
-from reports import figures, stats
+from datasets.conventions import get_convention
+from reports import figures, multiclass, stats
 from reports.data import ReportData, load
 from reports.tables import (
     ALL_FOREGROUND,
+    MAP_METRICS,
     METRIC_ORDER,
     at_ratio,
     conventions_table,
@@ -36,6 +38,7 @@ from reports.tables import (
     frame_table,
     is_all_foreground,
     mixed_table,
+    present_metrics,
     primary_ratio,
     pseudo_thresholds,
     summarize,
@@ -47,6 +50,11 @@ logger = logging.getLogger(__name__)
 CONVENTION = "pet"
 UPPER_BOUND = "supervised"  # the fully supervised reference: a ceiling, not a baseline to beat
 CI_COLUMN = {"iou_ci": "IoU 95 % CI"}
+PXAP_NOTE = (
+    "PxAP: pixel average precision (Choe et al., CVPR 2020), the area under the pixel "
+    "precision-recall curve of the maps over all thresholds: a score of the maps that needs no "
+    "threshold."
+)
 #: The main table's pseudo-label threshold column (read from the pseudo rows).
 PSEUDO_THRESHOLD_COLUMN = {"pseudo_threshold": "pseudo thr."}
 
@@ -54,6 +62,8 @@ PSEUDO_THRESHOLD_COLUMN = {"pseudo_threshold": "pseudo thr."}
 def main_table_text(rows: pd.DataFrame, convention: str = "pet") -> str:
     """The main table (segmenter on test, dataset-level) as Markdown, for the terminal."""
     rows = at_ratio(rows, primary_ratio(rows))
+    if multiclass.has_multiclass(rows):  # a multi-class dataset: mIoU tables instead
+        return multiclass.multiclass_text(rows)
     summary = with_failures(summarize(rows, "segmenter", "test", convention), rows)
     summary = flag_all_foreground(summary, rows, "segmenter", "test")
     pseudo = summarize(rows, "pseudo", "train", convention)
@@ -135,6 +145,8 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
         return path
     ratio = primary_ratio(data.rows)
     rows = at_ratio(data.rows, ratio)
+    if multiclass.has_multiclass(rows):
+        return _multiclass_report(w, rows, path)
     per_image = _per_image_at(data.per_image, ratio)
     main = main_summary(rows)
     sig = stats.significance(stats.select(per_image, "segmenter", "test", CONVENTION), main)
@@ -158,6 +170,21 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
             "named below.\n",
             frame_table(bad.set_index("method_id"), index_label="method_id"),
         )
+    atomic_write_text(path, "\n".join(w.parts))
+    logger.info("report written to %s", path)
+    return path
+
+
+def _multiclass_report(w: _Writer, rows: pd.DataFrame, path: Path) -> Path:
+    """report.md of a multi-class dataset: the mIoU tables (see :mod:`reports.multiclass`)."""
+    w.parts.append("# wsss-bench report (multi-class)\n")
+    w.section("Results", multiclass.multiclass_text(rows))
+    per_class = multiclass.per_class_table(rows)
+    if not per_class.empty:
+        atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())
+    bad = failed_runs(rows)
+    if not bad.empty:
+        w.section("Failed runs", frame_table(bad.set_index("method_id"), index_label="method_id"))
     atomic_write_text(path, "\n".join(w.parts))
     logger.info("report written to %s", path)
     return path
@@ -235,11 +262,14 @@ def _main_sections(
             pseudo,
         ),
     )
-    for name, title, summary in (
+    maps = summarize(rows, "maps", "test", CONVENTION, metrics=MAP_METRICS)
+    map_metrics = present_metrics(maps, MAP_METRICS)
+    for name, title, summary, metrics in (
         (
             "maps_test",
             "Method maps on test at the validation threshold",
-            flag_all_foreground(summarize(rows, "maps", "test", CONVENTION), rows, "maps", "test"),
+            flag_all_foreground(maps, rows, "maps", "test"),
+            map_metrics,
         ),
         (
             "main_image_mean",
@@ -250,12 +280,12 @@ def _main_sections(
                 "segmenter",
                 "test",
             ),
+            METRIC_ORDER,
         ),
     ):
-        w.section(
-            title,
-            w.table(name, format_table(summary), format_table(summary, style="latex"), summary),
-        )
+        md, tex = format_table(summary, metrics), format_table(summary, metrics, style="latex")
+        note = PXAP_NOTE if "pxap" in metrics else ""
+        w.section(title, w.table(name, md, tex, summary), note)
 
 
 def _footnote(sig: stats.Significance, marks: dict[str, str]) -> str:
@@ -316,18 +346,17 @@ def _conventions_section(w: _Writer, rows: pd.DataFrame, per_image: pd.DataFrame
     summary = flag_all_foreground(summary, rows, "segmenter", "test")
     md = format_table(summary, metrics=tuple(convs), labels={c: f"`{c}`" for c in convs})
     tex = format_table(summary, metrics=tuple(convs), style="latex", labels={})
-    text = (
-        "`pet` (ours): positive = pet, border ignored; `pet_with_border`: border counted as "
-        "pet; `weaktr_refinery`: positive = background + border, as that repository's "
-        "published table counts it."
+    text = "; ".join(f"`{c}`: {get_convention(c).description}" for c in convs) + (
+        " (`pet` is ours; `weaktr_refinery` is how that repository's published table counts)."
     )
-    share = background.get("weaktr_refinery")
-    if share is not None and np.isfinite(share):
-        text += (
-            f" An all-background prediction already scores {100 * share:.1f} IoU under "
-            "`weaktr_refinery` (0 under the pet conventions): numbers on that convention are "
-            "not comparable to pet IoU."
-        )
+    for c in convs:
+        share = background.get(c)
+        if get_convention(c).positive_is_background and share is not None and np.isfinite(share):
+            text += (
+                f" An all-background prediction already scores {100 * share:.1f} IoU under "
+                f"`{c}` (0 where the pet is positive): numbers on that convention are not "
+                "comparable to pet IoU."
+            )
     w.section("Conventions (segmenter test IoU, %)", w.table("conventions", md, tex, summary), text)
 
 

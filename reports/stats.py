@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from datasets.conventions import get_convention
 from reports.tables import is_all_foreground
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ N_RESAMPLES = 2000
 LEVEL = 0.95
 ALPHA = 0.05
 BOOTSTRAP_SEED = 0
-# conventions whose positive class is the background (an all-background prediction scores there)
-BACKGROUND_POSITIVE = ("weaktr_refinery",)
 
 
 def select(
@@ -201,5 +200,7 @@ def all_background_iou(per_image: pd.DataFrame, split: str = "test") -> dict[str
         positives = float((first["tp"] + first["fn"]).sum())
         total = float(first[["tp", "fp", "fn", "tn"]].to_numpy().sum())
         share = positives / total if total else np.nan
-        out[str(convention)] = share if convention in BACKGROUND_POSITIVE else 0.0
+        # an all-background prediction scores only where the positive class is the background
+        positive_is_background = get_convention(str(convention)).positive_is_background
+        out[str(convention)] = share if positive_is_background else 0.0
     return out

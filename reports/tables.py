@@ -24,7 +24,11 @@ METRIC_LABEL = {
     "precision": "Prec.",
     "recall": "Rec.",
     "miou": "mIoU",
+    "pxap": "PxAP",
 }
+#: The maps tables: the metrics at the validation threshold, then the threshold-free pixel
+#: average precision (rows with metric ``pxap``, from the one evaluator's sweep counts).
+MAP_METRICS = (*METRIC_ORDER, "pxap")
 OK_STATUS = ("done", "budget")
 FAILED_STATUS = ("error", "skipped")
 STAGE_ORDER = ("fit", "maps_train", "maps_val", "maps_test", "segmenter", "segmenter_predict")
@@ -96,6 +100,16 @@ def summarize(
     )
     out = info.join(table)
     return out.sort_values(["kind", f"{metrics[0]}_mean"], ascending=[True, False])
+
+
+def present_metrics(summary: pd.DataFrame, metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metrics of ``metrics`` that a summary has a column for, in order.
+
+    A metric without rows (e.g. ``pxap`` in results stored before it existed) gets no column
+    rather than a column of ``n/a``; the first metric (the one that orders the methods) is
+    always kept.
+    """
+    return tuple(m for i, m in enumerate(metrics) if i == 0 or f"{m}_mean" in summary)
 
 
 def pseudo_thresholds(rows: pd.DataFrame) -> pd.Series:

@@ -482,7 +482,7 @@ def test_a_failing_rerun_never_replaces_completed_rows(reference, tmp_path, monk
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure on re-run")
 
-    monkeypatch.setattr("benchmark.runner.choose_threshold", broken)
+    monkeypatch.setattr("benchmark.stages.choose_threshold", broken)
     with caplog.at_level(logging.WARNING):
         rows = Runner(_cfg(out, ["cam"])).run_all()
     assert list(rows["status"]) == ["error"]  # this invocation failed, and says so

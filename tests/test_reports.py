@@ -14,9 +14,11 @@ from benchmark.store import write_per_image, write_rows
 from reports import figures, stats
 from reports.report import write_report
 from reports.tables import (
+    MAP_METRICS,
     conventions_table,
     format_table,
     mixed_table,
+    present_metrics,
     summarize,
     with_failures,
 )
@@ -267,8 +269,27 @@ def test_mixed_and_conventions_tables(golden_rows):
     assert conv.loc["(all-background prediction)", "pet_mean"] == 0.0
 
 
+def test_maps_table_shows_pxap_only_where_rows_carry_it(golden_rows):
+    maps = golden_rows.assign(stage="maps")
+    before = summarize(maps, "maps", "test", metrics=MAP_METRICS)
+    assert present_metrics(before, MAP_METRICS) == METRICS  # stored before PxAP: no column
+    assert format_table(before, present_metrics(before, MAP_METRICS)) == format_table(
+        summarize(maps, "maps", "test")
+    )
+    pxap = maps[maps["metric"] == "iou"].assign(
+        metric="pxap", value=lambda f: f["value"] + 0.1, threshold=float("nan")
+    )
+    summary = summarize(pd.concat([maps, pxap]), "maps", "test", metrics=MAP_METRICS)
+    shown = present_metrics(summary, MAP_METRICS)
+    assert shown == (*METRICS, "pxap")
+    text = format_table(summary, shown)
+    assert text.splitlines()[0] == "| Method | IoU | Dice | Acc. | Prec. | Rec. | PxAP |"
+    assert "| **71.0 ± 1.4** |" in text.splitlines()[2]  # cam's PxAP, the best method
+    assert summary.loc["cam", "threshold"] == 0.5  # a threshold-free row has no threshold
+
+
 # ---- a whole results folder ----------------------------------------------------------------------
-def _write_run(out, method_id, kind, seed, iou_level, status="done"):
+def _write_run(out, method_id, kind, seed, iou_level, status="done", pxap=None):
     key = f"{method_id}-{seed}"
     common = {
         "method": method_id,
@@ -320,6 +341,12 @@ def _write_run(out, method_id, kind, seed, iou_level, status="done"):
                         "value": float(value),
                     }
                 )
+        if pxap is not None and conv == "pet":  # the maps on test, with their PxAP
+            rows += [
+                {**common, "stage": "maps", "split": "test", "convention": conv}
+                | {"aggregation": "dataset", "metric": metric, "value": float(value)}
+                for metric, value in (*values.items(), ("pxap", pxap))
+            ]
     for stage, wall in (("fit", 2.0 * (1 + iou_level)), ("segmenter", 1.0)):
         for metric in ("wall_s", "device_s", "peak_host_mb", "peak_device_mb"):
             rows.append(
@@ -373,6 +400,18 @@ def test_report_builds_from_results_with_a_failed_run(tmp_path):
         <= main.loc["cam", "iou_mean"]
         <= main.loc["cam", "iou_ci_high"]
     )
+
+
+def test_report_maps_table_has_a_pxap_column(tmp_path):
+    out = tmp_path / "run"
+    _write_run(out, "cam", "method", 0, 0.6, pxap=0.7)
+    _write_run(out, "ccam", "method", 0, 0.45, pxap=0.55)
+    text = write_report(out).read_text()
+    maps = text.split("## Method maps on test at the validation threshold")[1].split("## ")[0]
+    assert "| Method | IoU | Dice | Acc. | Prec. | Rec. | PxAP |" in maps
+    assert "| **70.0** |" in maps and "PxAP: pixel average precision" in maps
+    table = pd.read_csv(out / "report" / "tables" / "maps_test.csv", index_col=0)
+    assert table.loc["ccam", "pxap_mean"] == pytest.approx(0.55)
 
 
 def test_report_of_an_empty_folder(tmp_path):

@@ -210,3 +210,27 @@ def test_channels_last_reaches_the_method_and_the_cache_key(tmp_path):
     # a run in the other memory format is another experiment: its stages are not reused
     assert opened[True].run_key != opened[False].run_key
     assert opened[True].ctx.stage_dir != opened[False].ctx.stage_dir
+
+
+def test_a_smoke_run_never_replaces_or_joins_the_full_run(tmp_path):
+    """max_epochs, amp and a fixed threshold are in the rows, the run identity and method_id:
+    a ``--max-epochs 1`` run of the same method in the same folder is a separate table entry."""
+    from benchmark.store import latest_runs
+    from reports.tables import summarize
+
+    for extra in ({}, {"max_epochs": 1}, {"threshold": 0.25}):
+        Runner(_cfg(tmp_path, ["all_foreground"], **extra)).run_all()
+    rows = latest_runs(read_results(tmp_path))
+    plain, smoke, fixed = (
+        "all_foreground",
+        "all_foreground [max_epochs=1]",
+        "all_foreground [threshold=0.25]",
+    )
+    assert set(rows["method_id"]) == {plain, smoke, fixed}
+    by_id = rows.groupby("method_id")
+    assert set(by_id.get_group(smoke)["max_epochs"]) == {1.0}
+    assert not by_id.get_group(smoke)["amp"].any()
+    assert set(by_id.get_group(fixed)["fixed_threshold"]) == {0.25}
+    assert by_id.get_group(plain)[["max_epochs", "fixed_threshold"]].isna().all().all()
+    table = summarize(rows, "segmenter", "test")
+    assert (table.loc[[plain, smoke, fixed], "n_seeds"] == 1).all()

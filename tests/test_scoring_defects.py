@@ -56,6 +56,10 @@ def run(tmp_path_factory):
         [pd.read_parquet(p) for p in sorted((out / "results" / "per_image").glob("*.parquet"))],
         ignore_index=True,
     )
+    # a run at a fixed threshold is labelled so in method_id (never averaged with a swept run)
+    for frame in (rows, per_image):
+        assert set(frame["method_id"]) == {f"{m} [threshold=0.0]" for m in cfg.methods}
+        frame["method_id"] = frame["method_id"].str.removesuffix(" [threshold=0.0]")
     return rows, per_image, prepare_data(cfg), cfg
 
 

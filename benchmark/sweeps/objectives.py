@@ -21,11 +21,11 @@ from typing import Any
 
 import pandas as pd
 
-from benchmark.cache import atomic_write_bytes
 from benchmark.config import ConfigError, RunConfig, mask_url
 from benchmark.evaluate import METRICS, SweepCounts
+from benchmark.identity import run_label
 from benchmark.runner import DataBundle, OpenRun, Runner, RunSpec
-from benchmark.store import write_rows
+from benchmark.store import check_row_schema, write_curve, write_rows
 from benchmark.sweeps.storage import (
     SweepSpec,
     create_study,
@@ -87,7 +87,7 @@ def sweep_threshold(
         except Exception as exc:  # noqa: BLE001 - one failing method never stops the others
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             logger.error("threshold study %s: the method failed: %s", name, reason)
-            summary.append({"study": name, "method_id": run.method.identity(), "error": reason})
+            summary.append({"study": name, "method_id": run.base["method_id"], "error": reason})
             continue
         study = ThresholdStudy(cfg, runner, run, spec, name, n_trials, n_bins, sampler_seed)
         summary.append(study.execute(maps, storage))
@@ -122,7 +122,7 @@ class ThresholdStudy:
         at_val = val.at(result.threshold)
         info = {
             "study": name,
-            "method_id": run.method.identity(),
+            "method_id": run.base["method_id"],
             "repetition": spec.repetition,
             "threshold": result.threshold,
             "val_iou": result.value,
@@ -141,6 +141,7 @@ class ThresholdStudy:
         study = self._persist(storage, result, info)
         info["persist_s"] = time.perf_counter() - t1
         rows = self._rows(result, {"val": at_val, "test": at_test}, count_s)
+        check_row_schema(rows)
         write_rows(Path(cfg.out), study_slug(name), rows)
         self._write_curve(val)
         export_trials(study, cfg.out)
@@ -239,11 +240,10 @@ class ThresholdStudy:
     def _write_curve(self, val: SweepCounts) -> None:
         """The validation IoU-vs-threshold curve of the study (``results/sweep_curves``)."""
         curve = pd.DataFrame({"threshold": val.thresholds, **{m: val.metric(m) for m in METRICS}})
-        curve.insert(0, "method_id", self.run.method.identity())
+        curve.insert(0, "method_id", self.run.base["method_id"])
         curve.insert(1, "seed", self.run.seed)
         curve.insert(2, "convention", self.cfg.convention)
-        out = Path(self.cfg.out) / "results" / "sweep_curves"
-        atomic_write_bytes(out / f"{study_slug(self.name)}.parquet", curve.to_parquet(index=False))
+        write_curve(Path(self.cfg.out), study_slug(self.name), curve, folder="sweep_curves")
 
 
 # ---- objectives of persistent studies ------------------------------------------------------------
@@ -340,7 +340,7 @@ class GtRatioObjective(_Objective):
             "gt_rule": s.gt_rule,
         }
         if s.gt_rule != "subset":
-            identity = create_method(params["method"], preset=cfg.preset).identity()
+            identity = run_label(create_method(params["method"], preset=cfg.preset), cfg)
             extra["method_id"] = f"{identity}|gt={s.gt_rule}"
         key = point_key(self.study_name, params)
         trial.set_user_attr("rows_key", key)
@@ -423,6 +423,7 @@ def _status_row(
         "value": float(value),
         "threshold": float("nan"),
     }
+    check_row_schema([row])
     write_rows(Path(cfg.out), key, [row])
 
 

@@ -55,6 +55,39 @@ def cam_from_features(
     return torch.einsum("nkhw,nk->nhw", features, w.to(features.dtype)).unsqueeze(1)
 
 
+def class_cams(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The CAM of every class: ``M_c = sum_k W[c, k] f_k`` (multi-label datasets).
+
+    Args:
+        features: (N, K, h, w) backbone features.
+        weight: (C, K) classifier weights.
+
+    Returns:
+        (N, C, h, w) raw (unnormalised) maps.
+    """
+    return torch.einsum("nkhw,ck->nchw", features, weight.to(features.dtype))
+
+
+def tagged_only(maps: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Zero the maps of the classes an image is not tagged with.
+
+    Args:
+        maps: (N, C, h, w) maps.
+        tags: (N, C) multi-hot image tags.
+    """
+    return maps * (tags.to(maps.device, maps.dtype) > 0)[:, :, None, None]
+
+
+def multilabel_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """The multi-label soft margin loss of image tags (the loss of PSA, IRNet, SEAM and WeakTr).
+
+    Args:
+        logits: (N, C) class scores.
+        tags: (N, C) multi-hot image tags.
+    """
+    return F.multilabel_soft_margin_loss(logits.float(), tags.to(logits.device).float())
+
+
 class FeatureHook:
     """Capture a module's forward output; the hook is removed on exit, even on exceptions.
 

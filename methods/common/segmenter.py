@@ -104,7 +104,7 @@ def make_segmenter_config(preset: str = "paper", **overrides: Any) -> SegmenterC
 
 
 class Segmenter(nn.Module):
-    """Wraps a 2-class segmentation net: ``forward(x) -> logits (N, 2, H, W)`` at input size."""
+    """Wraps a segmentation net: ``forward(x) -> logits (N, K, H, W)`` at input size (K = 2)."""
 
     def __init__(
         self, net: nn.Module, multiple: int = 1, norm: Normalization | None = None
@@ -120,7 +120,7 @@ class Segmenter(nn.Module):
         return list(part.parameters()) if part is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 2, H, W) for a normalised batch (N, 3, H, W)."""
+        """Logits (N, K, H, W) for a normalised batch (N, 3, H, W)."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if ph or pw:
@@ -141,8 +141,10 @@ def _set_bn_momentum(model: Segmenter, momentum: float) -> Segmenter:
     return model
 
 
-def build_segmenter(config: SegmenterConfig) -> Segmenter:
-    """Build the 2-class segmenter (background, pet) described by ``config``.
+def build_segmenter(config: SegmenterConfig, num_classes: int = 2) -> Segmenter:
+    """Build the segmenter described by ``config``: 2 classes (background, pet) by default.
+
+    ``num_classes`` is C + 1 on a multi-class dataset (background and C object classes).
 
     Raises:
         ValueError: unknown architecture.
@@ -159,10 +161,10 @@ def build_segmenter(config: SegmenterConfig) -> Segmenter:
                 MobileNet_V3_Large_Weights.IMAGENET1K_V1 if config.pretrained_backbone else None
             )
             net = lraspp_mobilenet_v3_large(
-                weights=None, weights_backbone=backbone_weights, num_classes=2
+                weights=None, weights_backbone=backbone_weights, num_classes=num_classes
             )
             return _set_bn_momentum(Segmenter(net, multiple=1), config.bn_momentum)  # ImageNet
-        return _set_bn_momentum(_build_unet(config), config.bn_momentum)
+        return _set_bn_momentum(_build_unet(config, num_classes), config.bn_momentum)
     except PretrainedWeightsError:
         raise
     except Exception as exc:
@@ -176,7 +178,7 @@ def build_segmenter(config: SegmenterConfig) -> Segmenter:
         ) from exc
 
 
-def _build_unet(config: SegmenterConfig) -> Segmenter:
+def _build_unet(config: SegmenterConfig, num_classes: int) -> Segmenter:
     """The smp U-Net; a ``tu-<timm>`` encoder may take the offline package's weights."""
     import segmentation_models_pytorch as smp
 
@@ -192,7 +194,7 @@ def _build_unet(config: SegmenterConfig) -> Segmenter:
         encoder_name=config.unet_encoder,
         encoder_weights="imagenet" if hub else None,
         decoder_channels=tuple(config.unet_decoder_channels),
-        classes=2,
+        classes=num_classes,
     )
     if offline:
         load_offline(net.encoder.model, timm_name)
@@ -211,22 +213,28 @@ def _check_pairs(images: np.ndarray, masks: np.ndarray) -> None:
 
 
 def train_segmenter(
-    images: np.ndarray, masks: np.ndarray, config: SegmenterConfig, ctx: Context
+    images: np.ndarray,
+    masks: np.ndarray,
+    config: SegmenterConfig,
+    ctx: Context,
+    num_classes: int = 2,
 ) -> dict[str, torch.Tensor]:
     """Train the segmenter on (pseudo) masks; returns its state dict (CPU tensors).
 
     Args:
         images: (N, H, W, 3) uint8 images (a memory map is fine; read per minibatch).
-        masks: (N, H, W) uint8 masks: 0 background, 1 pet, 255 ignored.
+        masks: (N, H, W) uint8 masks: 0 background, 1 pet, 255 ignored (multi-class:
+            0 background, 1..C, 255).
         config: the segmenter settings.
         ctx: device, seed, amp, epoch cap and budget (``should_continue`` once per step).
+        num_classes: output classes, background included (C + 1 on a multi-class dataset).
 
     Returns:
         The trained model's state dict; load it into ``build_segmenter(config)``.
     """
     _check_pairs(images, masks)
     with seeded(ctx.seed):
-        model = build_segmenter(config)
+        model = build_segmenter(config, num_classes)
     place(model, ctx).train()
     encoder = {id(p) for p in model.encoder_parameters()}
     groups = [
@@ -249,10 +257,11 @@ def train_segmenter(
             idx = np.sort(idx)  # memory maps read faster in order
             x = to_tensor(images[idx], ctx.device, model.input_norm)  # (B, 3, H, W)
             y = torch.from_numpy(np.asarray(masks[idx]).astype(np.int64)).to(ctx.device)
-            if bool(((y > 1) & (y != IGNORE)).any()):
+            if bool(((y >= num_classes) & (y != IGNORE)).any()):
+                valid = set(range(num_classes)) | {IGNORE}
                 raise ValueError(
-                    f"segmenter masks must hold only 0 (background), 1 (pet) or 255 (ignore); "
-                    f"found {sorted(set(torch.unique(y).tolist()) - {0, 1, IGNORE})}"
+                    f"segmenter masks must hold only 0 (background), 1..{num_classes - 1} or "
+                    f"255 (ignore); found {sorted(set(torch.unique(y).tolist()) - valid)}"
                 )
             flags = flip_flags(len(idx), gen)
             x, y = apply_hflip(x, flags), apply_hflip(y, flags)
@@ -297,21 +306,28 @@ def predict_segmenter(
         batch_size: images per forward pass.
 
     Returns:
-        (N, 1, H, W) float32 softmax probability of the pet class.
+        (N, 1, H, W) float32 softmax probability of the pet class; with more than two
+        output classes (multi-class) the (N, K, H, W) probabilities of every class.
     """
     images = np.asarray(images) if not isinstance(images, np.memmap) else images
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 (N, H, W, 3); got {images.dtype} {images.shape}")
     was_training = model.training
     place(model, ctx).eval()
-    out = np.empty((len(images), 1, *images.shape[1:3]), dtype=np.float32)
+    out: np.ndarray | None = None
     for start in range(0, len(images), batch_size):
         x = to_tensor(
             images[start : start + batch_size], ctx.device, getattr(model, "input_norm", None)
         )
         with autocast(ctx.device, ctx.amp):
             logits = model(x)
-        prob = torch.softmax(logits.float(), dim=1)[:, 1:2]  # (B, 1, H, W)
+        prob = torch.softmax(logits.float(), dim=1)
+        if prob.shape[1] == 2:
+            prob = prob[:, 1:2]  # (B, 1, H, W): the pet
+        if out is None:
+            out = np.empty((len(images), prob.shape[1], *images.shape[1:3]), dtype=np.float32)
         out[start : start + len(x)] = prob.cpu().numpy()
     model.train(was_training)
+    if out is None:
+        return np.empty((0, 1, *images.shape[1:3]), dtype=np.float32)
     return out
