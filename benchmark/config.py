@@ -68,6 +68,10 @@ class RunConfig:
             ``unet`` on the offline ImageNet EfficientNet-Lite0 for ``quick``).
         gt_ratio: share of train images whose pseudo mask is replaced by its GT mask.
         threshold: a fixed threshold instead of the validation sweep (``None``: sweep).
+        threshold_on: where the sweep picks the threshold: ``val`` (ours: the validation
+            split) or ``train_gt`` (the literature's multi-class protocol, SEAM's ``--curve``:
+            the background threshold that maximises pseudo-mask mIoU on the train GT, which is
+            then scored on that same GT; flagged in every row and table).
         convention: trimap convention of the evaluation (``pet`` by default).
         image_size: working resolution (``None``: the preset's).
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``mps``.
@@ -93,6 +97,7 @@ class RunConfig:
     segmenter: str | None = None
     gt_ratio: float = 0.0
     threshold: float | None = None
+    threshold_on: str = "val"
     convention: str = "pet"
     image_size: int | None = None
     device: str = "auto"
@@ -141,6 +146,7 @@ class RunConfig:
         _choice("preset", self.preset, tuple(PRESET_IMAGE_SIZE))
         _choice("split", self.split, SPLIT_SCHEMES)
         _choice("convention", self.convention, CONVENTIONS)
+        _choice("threshold-on", self.threshold_on, THRESHOLD_ON)
         names = list_datasets()
         if self.dataset.replace("-", "_") not in names:
             raise ConfigError(f"--dataset: unknown dataset {show(self.dataset)}; valid: {names}")
@@ -168,6 +174,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for provenance)."""
         return dataclasses.asdict(self)
+
+
+#: Where a swept threshold is chosen: ours (validation) or the literature's (train GT).
+THRESHOLD_ON = ("val", "train_gt")
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:

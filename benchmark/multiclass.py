@@ -79,19 +79,29 @@ def class_gts(bundle: DataBundle, part: str) -> Iterator[np.ndarray]:
 
 # ---- 1. background threshold --------------------------------------------------------------------
 def pick_background(
-    cfg: RunConfig, method: Method, bundle: DataBundle, val_maps: np.ndarray
+    cfg: RunConfig,
+    method: Method,
+    bundle: DataBundle,
+    val_maps: np.ndarray,
+    train_maps: np.ndarray,
 ) -> ThresholdChoice:
-    """The background score: fixed (the option, then the method's own) or best val mIoU."""
+    """The background score: fixed (the option, then the method's own) or the best mIoU.
+
+    The sweep runs on the validation split, or, with ``threshold_on="train_gt"`` (the
+    literature's protocol, reproduced by name), on the train images' GT that the pseudo
+    masks are then scored on: source ``train_gt``, never to be read as a held-out number.
+    """
     if cfg.threshold is not None:
         return ThresholdChoice(cfg.threshold, "fixed")
     if method.fixed_threshold is not None:
         return ThresholdChoice(method.fixed_threshold, "method")
+    part, maps = ("train", train_maps) if cfg.threshold_on == "train_gt" else ("val", val_maps)
     curve = BackgroundCurve(bundle.dataset.num_classes + 1, thresholds=BACKGROUND_GRID)
-    for scores, tags, gt in zip(val_maps, tags_of(bundle, "val"), class_gts(bundle, "val")):
+    for scores, tags, gt in zip(maps, tags_of(bundle, part), class_gts(bundle, part)):
         curve.add(np.asarray(scores, dtype=np.float32), tags, gt)
     value, _ = curve.best()
     frame = pd.DataFrame({"threshold": curve.thresholds, "miou": curve.miou()})
-    return ThresholdChoice(value, "val_sweep", frame)
+    return ThresholdChoice(value, "train_gt" if part == "train" else "val_sweep", frame)
 
 
 # ---- 2. pseudo labels ---------------------------------------------------------------------------

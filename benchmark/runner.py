@@ -215,6 +215,7 @@ class Runner:
                 "threshold": cfg.threshold,
                 "convention": cfg.convention,
                 **({"gt_rule": self.gt_rule} if self.gt_rule != "subset" else {}),
+                **({"threshold_on": cfg.threshold_on} if cfg.threshold_on != "val" else {}),
             },
             10,
         )
@@ -351,7 +352,7 @@ class Runner:
         if b.multiclass:
             return self._execute_multiclass(run, base)
         maps, costs = self.fit_and_maps(method, ctx, run.run_dir)
-        choice = stages.pick_threshold(cfg, method, b, maps["val"])
+        choice = stages.pick_threshold(cfg, method, b, maps)
         masks = stages.make_train_masks(
             cfg, b, method, maps["train"], choice.value, self.gt_rule, ctx.seed
         )
@@ -379,7 +380,7 @@ class Runner:
         """The stages of a run on a multi-class dataset (see :mod:`benchmark.multiclass`)."""
         cfg, b, ctx, method = self.cfg, self.bundle, run.ctx, run.method
         maps, costs = self.fit_and_maps(method, ctx, run.run_dir)
-        choice = multiclass.pick_background(cfg, method, b, maps["val"])
+        choice = multiclass.pick_background(cfg, method, b, maps["val"], maps["train"])
         masks = multiclass.make_label_masks(cfg, b, method, maps["train"], choice.value)
         multiclass.check_labels(masks.pseudo, b.dataset.num_classes + 1)
         preds, seg_costs = multiclass.label_predictions(

@@ -123,17 +123,22 @@ class ThresholdChoice:
 
 
 def pick_threshold(
-    cfg: RunConfig, method: Method, bundle: DataBundle, val_maps: np.ndarray
+    cfg: RunConfig, method: Method, bundle: DataBundle, maps: dict[str, np.ndarray]
 ) -> ThresholdChoice:
-    """Fixed (the option, then the method's own) or chosen on validation, never on test."""
+    """Fixed (the option, then the method's own) or swept: on validation, never on test.
+
+    ``cfg.threshold_on == "train_gt"`` sweeps on the train GT instead (the literature's
+    protocol, by name only: source ``train_gt``, and the run's method_id says so).
+    """
     if cfg.threshold is not None:
         return ThresholdChoice(cfg.threshold, "fixed")
     if method.fixed_threshold is not None:
         return ThresholdChoice(method.fixed_threshold, "method")
+    part = "train" if cfg.threshold_on == "train_gt" else "val"
     value, curve = choose_threshold(
-        val_maps, bundle.orig_masks("val", cfg.convention), cfg.convention
+        maps[part], bundle.orig_masks(part, cfg.convention), cfg.convention
     )
-    return ThresholdChoice(value, "val_sweep", curve)
+    return ThresholdChoice(value, "train_gt" if part == "train" else "val_sweep", curve)
 
 
 # ---- 3. train masks -----------------------------------------------------------------------------

@@ -150,3 +150,26 @@ def test_multilabel_maps_cover_the_tagged_classes_only(name):
     assert np.all((maps >= 0) & (maps <= 1))
     untagged = np.broadcast_to(tags[:, :, None, None] == 0, maps.shape)
     assert np.all(maps[untagged] == 0), "a class the image is not tagged with has a map"
+
+
+def test_literature_protocol_is_flagged_and_tuned_on_train_gt(voc_run):
+    """``threshold_on=train_gt`` (SEAM's --curve): the pseudo masks' best background threshold
+    on their own GT; the rows say so in method_id and threshold_source."""
+    from benchmark.evaluate import BackgroundCurve
+    from benchmark.multiclass import BACKGROUND_GRID
+
+    out, cfg, rows = voc_run
+    lit = Runner(_cfg(out, ["cam"], threshold_on="train_gt")).run_all()
+    assert set(lit["method_id"]) == {"cam [tuned on train GT]"}
+    pseudo = lit[(lit["stage"] == "pseudo") & (lit["metric"] == "miou")]
+    assert set(pseudo["threshold_source"]) == {"train_gt"}
+    bundle = prepare_data(cfg)
+    (maps_path,) = (out / "runs" / "cam").glob("*/maps/train.npy")
+    maps = np.load(maps_path)
+    curve = BackgroundCurve(bundle.dataset.num_classes + 1, thresholds=BACKGROUND_GRID)
+    tags = np.asarray(bundle.cache.labels)[bundle.index["train"]]
+    for scores, tag, gt in zip(maps, tags, bundle.orig_masks("train", None)):
+        curve.add(scores.astype(np.float32), tag, gt)
+    assert pseudo["threshold"].item() == pytest.approx(curve.best()[0])
+    ours = rows[(rows["method_id"] == "cam") & (rows["stage"] == "pseudo")]
+    assert pseudo["value"].item() >= ours[ours["metric"] == "miou"]["value"].item() - 1e-9
