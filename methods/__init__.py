@@ -10,6 +10,7 @@ from methods import (  # noqa: F401  (imported to register the methods)
     cam_affinitynet,
     ccam_ecs,
     references,
+    rtc,
     weaktr_refinery,
 )
 from methods.base import (
