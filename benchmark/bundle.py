@@ -66,8 +66,8 @@ class DataBundle:
         names = getattr(self.dataset, "class_names", None)
         return list(names) if names else [f"class_{i}" for i in range(self.dataset.num_classes)]
 
-    def imageset(self, part: str, masks: bool = False) -> ImageSet:
-        """The ImageSet of a split part; masks only when asked (see :attr:`mask_convention`)."""
+    def imageset(self, part: str, masks: bool = False, boxes: bool = False) -> ImageSet:
+        """The ImageSet of a split part; masks (:attr:`mask_convention`), boxes when asked."""
         idx = self.index[part]
         contiguous = len(idx) and np.all(np.diff(idx) == 1)
         sel: Any = slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx
@@ -77,7 +77,27 @@ class DataBundle:
             num_classes=self.dataset.num_classes,
             names=[self.cache.names[i] for i in idx],
             masks=np.asarray(self.cache.masks(self.mask_convention))[sel] if masks else None,
+            boxes=self.boxes(idx) if boxes else None,
         )
+
+    def boxes(self, idx: np.ndarray) -> np.ndarray:
+        """(N, 4) float32 head boxes of cache positions ``idx`` at the working resolution.
+
+        Scaled from the image's original size (the cache squashes every image to S x S);
+        NaN rows where the dataset has no box (Oxford Pet: test images, some trainval ones).
+        """
+        out = np.full((len(idx), 4), np.nan, dtype=np.float32)
+        read = getattr(self.dataset, "head_box", None)
+        record = getattr(self.dataset, "record", None)
+        if not callable(read) or not callable(record):
+            return out
+        for row, i in enumerate(idx):
+            box = read(record(self.cache.names[int(i)]))
+            if box is not None:
+                h, w = (float(v) for v in self.cache.orig_sizes[int(i)])
+                sx, sy = self.size / w, self.size / h
+                out[row] = (box[0] * sx, box[1] * sy, (box[2] + 1) * sx, (box[3] + 1) * sy)
+        return out
 
     @property
     def mask_convention(self) -> str | None:

@@ -145,6 +145,7 @@ class Runner:
             "method": method.name,
             "method_id": run_label(method, cfg),
             "kind": method.kind,
+            "supervision": method.supervision,
             "preset": cfg.preset,
             "params": dump_json(method.params()),
             "dataset": cfg.dataset,
@@ -325,7 +326,8 @@ class Runner:
         """
         cfg, b = self.cfg, self.bundle
         seed_everything(ctx.seed)
-        train = b.imageset("train", masks=method.uses_masks)
+        boxes = method.supervision == "box"
+        train = b.imageset("train", masks=method.uses_masks, boxes=boxes)
 
         ctx.phase = "fit"
         with measure(self.device) as fit_cost:
@@ -337,7 +339,7 @@ class Runner:
 
         maps: dict[str, np.ndarray] = {}
         for part in ("train", "val", "test"):
-            images = b.imageset(part, masks=method.uses_masks)
+            images = b.imageset(part, masks=method.uses_masks, boxes=boxes)
             ctx.phase = f"maps_{part}"
             # every split's maps share the (C, h, w) of the train maps
             like = maps["train"].shape[1:] if maps and len(images) else None

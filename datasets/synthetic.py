@@ -119,6 +119,8 @@ class SyntheticSample:
         pet_mask: (H, W) bool, the whole pet (mark included).
         part_mask: (H, W) bool, the class-specific mark.
         label: class index 0..n_classes-1.
+        head_box: (xmin, ymin, xmax, ymax) pixel box of the head (ears and snout included):
+            the pet pixels within 1.6 head radii of the head centre, as Oxford Pet's XML boxes.
     """
 
     image: np.ndarray
@@ -126,6 +128,7 @@ class SyntheticSample:
     pet_mask: np.ndarray
     part_mask: np.ndarray
     label: int
+    head_box: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------- drawing helpers
@@ -384,7 +387,16 @@ def render_example(index: int, *, size: int, n_classes: int, seed: int) -> Synth
     trimap = np.full((h, w), 2, np.uint8)
     trimap[pet] = 1
     trimap[outer & ~inner] = 3
-    return SyntheticSample(image_u8, trimap, pet, part, label)
+    near_head = (x - (cx + hox)) ** 2 + (y - (cy + hoy)) ** 2 <= (1.6 * r_head * scale) ** 2
+    return SyntheticSample(image_u8, trimap, pet, part, label, _box_of(pet & near_head))
+
+
+def _box_of(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(xmin, ymin, xmax, ymax) of a mask's pixels (inclusive, as VOC boxes)."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return (0, 0, 0, 0)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
 
 
 # ---------------------------------------------------------------------- files
@@ -430,6 +442,8 @@ def _write_files(folder: Path, params: dict[str, Any]) -> None:
             Image.fromarray(sample.image).save(images / f"{name}.jpg", quality=95)
             Image.fromarray(sample.trimap).save(trimaps / f"{name}.png")
             split = "trainval" if j in trainval else "test"
+            if split == "trainval":  # the release has head boxes for trainval only
+                write_box_xml(folder / "annotations" / "xmls", name, sample)
             rows.append((name, k + 1, 1 + k % 2, k // 2 + 1, split))
     rows.sort(key=lambda r: (r[1], int(r[0].rsplit("_", 1)[1])))
     header = (
@@ -447,6 +461,36 @@ def _write_files(folder: Path, params: dict[str, Any]) -> None:
         (ann / f"{split}.txt").write_text("".join(lines))
     counts = {"images": n_images, "trainval": sum(r[4] == "trainval" for r in rows)}
     (folder / MARKER).write_text(json.dumps({"params": params, "counts": counts}, sort_keys=True))
+
+
+def write_box_xml(folder: Path, name: str, sample: SyntheticSample) -> None:
+    """Write the head box of ``sample`` as ``<folder>/<name>.xml`` in Oxford Pet's VOC format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = sample.trimap.shape
+    x0, y0, x1, y1 = sample.head_box
+    text = (
+        f"<annotation><filename>{name}.jpg</filename><size><width>{w}</width>"
+        f"<height>{h}</height><depth>3</depth></size><object><name>pet</name><bndbox>"
+        f"<xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax>"
+        "</bndbox><difficult>0</difficult></object></annotation>\n"
+    )
+    tmp = folder / f".{name}.xml.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, folder / f"{name}.xml")
+
+
+def _add_missing_boxes(root: Path, params: dict[str, Any]) -> None:
+    """Write the head boxes of a dataset generated before boxes existed (same images)."""
+    folder = root / "annotations" / "xmls"
+    if folder.is_dir():
+        return
+    n, size, k, seed = (params[key] for key in ("n_images", "size", "n_classes", "seed"))
+    for line in (root / "annotations" / "trainval.txt").read_text().splitlines():
+        name = line.split()[0]
+        label, j = int(line.split()[1]) - 1, int(name.rsplit("_", 1)[1]) - 1
+        index = label + j * k  # image index of the j-th image of class `label`
+        write_box_xml(folder, name, render_example(index, size=size, n_classes=k, seed=seed))
+    logger.info("added head boxes to %s (%d images)", root, n)
 
 
 def generate_synthetic(
@@ -491,6 +535,7 @@ def generate_synthetic(
         marker = _read_marker(root)
         if marker is not None:
             if marker.get("params") == params:
+                _add_missing_boxes(root, params)
                 return root
             raise DatasetError(
                 f"{root} already holds a synthetic dataset with other parameters "

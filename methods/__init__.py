@@ -6,11 +6,13 @@ Importing this package imports every method module, so that each registers itsel
 from __future__ import annotations
 
 from methods import (  # noqa: F401  (imported to register the methods)
+    box_prior,
     cam,
     cam_affinitynet,
     ccam_ecs,
     references,
     rtc,
+    weaktr,
     weaktr_refinery,
 )
 from methods.base import (

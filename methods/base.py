@@ -55,6 +55,9 @@ class ImageSet:
         masks: (N, H, W) uint8 masks (0 background, 1 pet, 255 ignore) at the working
             resolution; on a multi-label dataset class masks (0 background, 1..C, 255 ignore).
             Only given to methods with ``uses_masks = True`` (the references).
+        boxes: (N, 4) float32 boxes (xmin, ymin, xmax, ymax) at the working resolution, NaN
+            rows where an image has none (Oxford Pet: head boxes, trainval only); only given
+            to methods with ``supervision = "box"``.
     """
 
     images: np.ndarray
@@ -62,6 +65,7 @@ class ImageSet:
     num_classes: int
     names: list[str]
     masks: np.ndarray | None = None
+    boxes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -91,6 +95,7 @@ class ImageSet:
             num_classes=self.num_classes,
             names=names,
             masks=None if self.masks is None else self.masks[index],
+            boxes=None if self.boxes is None else np.asarray(self.boxes)[index],
         )
 
     def batches(self, batch_size: int) -> list[ImageSet]:
@@ -205,6 +210,10 @@ class Method:
     uses_masks: ClassVar[bool] = False
     kind: ClassVar[str] = "method"
     fixed_threshold: ClassVar[float | None] = None
+    #: What the method learns from, shown in every table: ``image`` (image-level labels),
+    #: ``box`` (bounding boxes: never ranked among image-level methods), ``pixel`` (GT masks)
+    #: or ``none`` (a fixed prior).
+    supervision: ClassVar[str] = "image"
     #: True if the method handles multi-label datasets (labels (N, C), maps of every tagged
     #: class); the runner records the others as ``unsupported`` on such datasets.
     multilabel: ClassVar[bool] = False

@@ -57,6 +57,7 @@ class Supervised(Method):
     """The ground-truth masks as maps: the fully supervised upper bound."""
 
     name = "supervised"
+    supervision = "pixel"
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"
@@ -82,6 +83,7 @@ class AllForeground(Method):
     """Every pixel is pet."""
 
     name = "all_foreground"
+    supervision = "none"
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"
@@ -131,6 +133,7 @@ class CentrePrior(Method):
     """A centred ellipse covering the mean pet fraction of the train masks."""
 
     name = "centre_prior"
+    supervision = "pixel"  # the mean foreground fraction of the train masks
     Config = EmptyConfig
     presets = _PRESETS
     kind = "reference"

@@ -16,13 +16,14 @@ Pipeline (stages ``classifier`` then ``decoder``):
    w_{l,.} = softmax_h(s_{l,.}); A = mean_h sum_l w_{l,h} a_{l,h};
    A~ = (A - min A) / (max A + 1e-6); coarse CAM C = F W_c^T for class c (head weight, no bias);
    C~ = (C - min C) / (max C + 1e-6); FineCAM = upsample_bilinear(A~ * C~) clamped to [0, 1].
-3. Decoder (the "refinery"): the (D, h, w) pre-LayerNorm token map -> conv3x3 + BN + ReLU ->
-   x2 -> conv3x3 + BN + ReLU -> x2 -> conv3x3 (+ BN on ``large``) + ReLU -> x4 -> conv1x1 -> one
-   logit z. Channels D-64-32-16 (small), D-128-64-32 (medium), D-256-128-64 (large). Target
-   y = FineCAM. Loss (WeakTr gradient clipping): per-pixel BCE l_p(z_p, y_p); its gradient
-   magnitude g_p = |sigmoid(z_p) - y_p| * y_p / sum(y); in each window (120 px at 224 px,
-   scaled with the image size) keep pixels with g_p <= tau * max(window mean, image mean),
-   tau = 1.2; loss = mean of l_p over kept pixels (per image, then over the batch).
+3. Decoder (the "refinery"; :mod:`methods.common.refinery_decoder`): the (D, h, w)
+   pre-LayerNorm token map -> conv3x3 + BN + ReLU -> x2 -> conv3x3 + BN + ReLU -> x2 -> conv3x3
+   (+ BN on ``large``) + ReLU -> x4 -> conv1x1 -> one logit z. Channels D-64-32-16 (small),
+   D-128-64-32 (medium), D-256-128-64 (large). Target y = FineCAM. Loss (WeakTr gradient
+   clipping): per-pixel BCE l_p(z_p, y_p); its gradient magnitude
+   g_p = |sigmoid(z_p) - y_p| * y_p / sum(y); in each window (120 px at 224 px, scaled with the
+   image size) keep pixels with g_p <= tau * max(window mean, image mean), tau = 1.2;
+   loss = mean of l_p over kept pixels (per image, then over the batch).
    Adam 5e-2, batch 64, 15 epochs.
 4. Map (option ``map``): ``loss`` (the original's pseudo masks): the per-image normalised BCE
    between decoder logits and FineCAM, (l - min l) / (max l + 1e-6), as a foreground map (the
@@ -32,6 +33,15 @@ Pipeline (stages ``classifier`` then ``decoder``):
 ``localize`` returns the FineCAM of the image's label class; ``refine`` turns it into the
 ``map`` option's map (it re-runs the frozen ViT for the token map; for ``finecam`` it is the
 identity). Maps are returned at the batch's working resolution.
+
+Multi-label form (VOC, ``synthetic_voc``; ours, the original is single-label): the classifier
+learns the tags with the multi-label soft margin; FineCAM is computed for every class (the
+fused attention A~ is shared, C~ is normalised per class) and kept for the tagged classes,
+(N, C, h, w) with the others zero; the decoder has C outputs, output c trained with the clipped
+BCE against the FineCAM of class c on the images tagged with c (a clipping "image" is one
+(image, tagged class) map; untagged outputs get no loss and are never read); the ``loss`` map
+is normalised per (image, class). ``faithful`` keeps its other quirks, but there is no
+predicted-class choice to copy: every tagged class has its map.
 
 Deviations from the original (defaults; ``faithful=True`` restores the first five):
     - The label class is used for FineCAM (the original uses the predicted class, which on
@@ -87,7 +97,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Context, ImageSet, Method, register_method
+from methods.common.cam import multilabel_loss, tagged_only
 from methods.common.data import autocast, minibatches, seeded, stage_epochs, to_tensor
+from methods.common.refinery_decoder import (
+    DECODER_CHANNELS,
+    RefineryDecoder,
+    clip_window_size,
+    clipped_bce,
+)
 from methods.common.vit import (
     HYBRID_TRUNKS,
     VIT_NAMES,
@@ -103,9 +120,6 @@ from methods.common.vit import (
 logger = logging.getLogger(__name__)
 
 MAP_OPTIONS = ("loss", "decoder", "finecam")
-DECODER_CHANNELS = {"small": (64, 32, 16), "medium": (128, 64, 32), "large": (256, 128, 64)}
-#: The resolution at which the original's 120 px clipping window is defined.
-REFERENCE_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -200,24 +214,25 @@ def _number(name: str, value: Any, kind: type) -> Any:
 def fine_cam(
     out: ViTOutputs,
     head_weight: torch.Tensor,
-    classes: torch.Tensor,
+    classes: torch.Tensor | None,
     size: tuple[int, int],
     clamp: bool = True,
     roundtrip_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """FineCAM of one class per image, batched.
+    """FineCAM of one class per image, or of every class, batched.
 
     Args:
         out: a ViT forward pass with CLS attention (N, L, H, P) and pre-LN tokens (N, P, D).
         head_weight: (C, D) weight of the linear classification head.
-        classes: (N,) the class of each image whose map is wanted.
+        classes: (N,) the class of each image whose map is wanted; None: every class (the
+            fused attention is shared, the coarse CAM is normalised per class).
         size: (h, w) output size (bilinear upsampling of the patch-grid map).
         clamp: clamp the result to [0, 1] (the original does not).
         roundtrip_size: if given, upsample the coarse CAM to this size and back to the grid
             first (the original's quirk; ``faithful`` only).
 
     Returns:
-        (N, 1, h, w) float maps.
+        (N, 1, h, w) float maps, or (N, C, h, w) with ``classes=None``.
     """
     a, tokens = out.cls_attn.float(), out.tokens.float()  # (N, L, H, P), (N, P, D)
     n = tokens.shape[0]
@@ -226,131 +241,20 @@ def fine_cam(
     w = s.softmax(dim=2)  # softmax over heads
     fused = (w.unsqueeze(-1) * a).sum(dim=1).mean(dim=1)  # sum over layers, mean over heads
     attn = minmax_shift(fused)  # (N, P)
-    weight = head_weight.float()[classes.to(head_weight.device)]  # (N, D)
-    coarse = torch.einsum("npd,nd->np", tokens, weight).reshape(n, 1, *out.grid)
+    weight = head_weight.float()
+    if classes is None:
+        coarse = torch.einsum("npd,cd->ncp", tokens, weight)  # (N, C, P)
+    else:
+        weight = weight[classes.to(head_weight.device)]  # (N, D)
+        coarse = torch.einsum("npd,nd->np", tokens, weight)[:, None]  # (N, 1, P)
+    k = coarse.shape[1]
+    coarse = coarse.reshape(n, k, *out.grid)
     if roundtrip_size is not None:
         coarse = resize(resize(coarse, roundtrip_size), out.grid)
-    coarse = minmax_shift(coarse.flatten(1))  # (N, P)
-    cam = (attn * coarse).reshape(n, 1, *out.grid)  # (N, 1, gh, gw)
+    coarse = minmax_shift(coarse.flatten(0, 1).flatten(1)).reshape(n, k, -1)  # (N, K, P)
+    cam = (attn[:, None] * coarse).reshape(n, k, *out.grid)  # (N, K, gh, gw)
     cam = resize(cam, size)
     return cam.clamp(0.0, 1.0) if clamp else cam
-
-
-# ---- decoder and its loss ------------------------------------------------------------------
-class RefineryDecoder(nn.Module):
-    """Token map (N, D, h, w) -> one logit per pixel (N, 1, 16h, 16w)."""
-
-    def __init__(self, in_dim: int, size: str = "medium") -> None:
-        super().__init__()
-        c1, c2, c3 = DECODER_CHANNELS[size]
-
-        def up(factor: int) -> nn.Module:
-            return nn.Upsample(scale_factor=factor, mode="bilinear", align_corners=False)
-
-        last_bn = [nn.BatchNorm2d(c3)] if size == "large" else []
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_dim, c1, 3, padding=1),
-            nn.BatchNorm2d(c1),
-            nn.ReLU(inplace=True),
-            up(2),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.BatchNorm2d(c2),
-            nn.ReLU(inplace=True),
-            up(2),
-            nn.Conv2d(c2, c3, 3, padding=1),
-            *last_bn,
-            nn.ReLU(inplace=True),
-            up(4),
-            nn.Conv2d(c3, 1, 1),
-        )
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight)  # as the original
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode a token map into logits."""
-        return self.layers(x)
-
-
-def clip_window_size(image_size: int, window: int = 120) -> int:
-    """The clipping window scaled from its size at 224 px to ``image_size`` (at least 1)."""
-    return max(1, round(window * image_size / REFERENCE_SIZE))
-
-
-def gradient_magnitude(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """|d loss / d z| of the y-weighted BCE: |sigmoid(z) - y| * y / sum(y), per image.
-
-    ``y`` is clamped to [0, 1] for the weight, as in the original. The original divides by the
-    sum over the whole batch; the keep rule compares pixels of one image only, so a per-image
-    divisor selects the same pixels.
-    """
-    y = target.clamp(0.0, 1.0)
-    denom = y.sum(dim=(1, 2, 3), keepdim=True) + 1e-12
-    return ((torch.sigmoid(logits) - target).abs() * y / denom).detach()
-
-
-def clip_keep_mask(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    window: int,
-    tau: float = 1.2,
-    top_left_only: bool = False,
-) -> torch.Tensor:
-    """Pixels the gradient-clipping loss keeps (bool, same shape as ``logits``).
-
-    Args:
-        logits: (N, 1, H, W) decoder logits.
-        target: (N, 1, H, W) FineCAM targets.
-        window: window side in pixels.
-        tau: keep g <= tau * max(window mean, image mean).
-        top_left_only: the original's windows: unfold with stride = window and no padding,
-            so only whole windows from the top-left count (everything else is dropped) and the
-            image mean is the mean of those windows' means.
-
-    Returns:
-        (N, 1, H, W) bool mask of kept pixels.
-    """
-    g = gradient_magnitude(logits, target)  # (N, 1, H, W)
-    n, _, h, w = g.shape
-    window = min(window, h, w)
-    if top_left_only:
-        nh, nw = h // window, w // window
-        means = F.avg_pool2d(g[..., : nh * window, : nw * window], window, stride=window)
-        image_mean = means.mean(dim=(2, 3), keepdim=True)
-    else:
-        nh, nw = -(-h // window), -(-w // window)
-        pad = (0, nw * window - w, 0, nh * window - h)
-        sums = F.avg_pool2d(F.pad(g, pad), window, stride=window, divisor_override=1)
-        counts = F.avg_pool2d(
-            F.pad(torch.ones_like(g), pad), window, stride=window, divisor_override=1
-        )
-        means = sums / counts  # (N, 1, nh, nw) means over valid pixels
-        image_mean = g.mean(dim=(2, 3), keepdim=True)
-    per_pixel = means.repeat_interleave(window, dim=2).repeat_interleave(window, dim=3)
-    per_pixel = F.pad(
-        per_pixel, (0, max(0, w - per_pixel.shape[3]), 0, max(0, h - per_pixel.shape[2]))
-    )
-    per_pixel = per_pixel[..., :h, :w]
-    keep = g <= tau * torch.maximum(per_pixel, image_mean)
-    if top_left_only:
-        covered = torch.zeros_like(keep)
-        covered[..., : nh * window, : nw * window] = True
-        keep &= covered
-    return keep
-
-
-def clipped_bce(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    window: int,
-    tau: float = 1.2,
-    top_left_only: bool = False,
-) -> torch.Tensor:
-    """Gradient-clipping BCE: mean BCE over kept pixels per image, then over the batch."""
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    keep = clip_keep_mask(logits, target, window, tau, top_left_only).float()
-    per_image = (loss * keep).sum(dim=(1, 2, 3)) / (keep.sum(dim=(1, 2, 3)) + 1e-6)
-    return per_image.mean()
 
 
 # ---- the method ---------------------------------------------------------------------------
@@ -359,6 +263,7 @@ class WeakTRRefinery(Method):
     """ViT + FineCAM + gradient-clipping CNN decoder (johnamit/weaktr-refinery)."""
 
     name: ClassVar[str] = "weaktr_refinery"
+    multilabel: ClassVar[bool] = True
     inference_fields: ClassVar[frozenset[str]] = frozenset({"map", "infer_batch_size"})
     Config: ClassVar[type] = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
@@ -424,11 +329,17 @@ class WeakTRRefinery(Method):
         return x
 
     def _finecam(self, out: ViTOutputs, labels: torch.Tensor) -> torch.Tensor:
-        """FineCAM (N, 1, S, S) of the label class (predicted class, unclamped if faithful)."""
+        """FineCAM (N, 1, S, S) of the label class (predicted class, unclamped if faithful).
+
+        With (N, C) tags as ``labels``: (N, C, S, S), every tagged class, the others zero.
+        """
         cfg = self.config
         size = (cfg.img_size, cfg.img_size)
-        classes = out.logits.argmax(dim=1) if cfg.faithful else labels
-        return fine_cam(
+        if labels.dim() == 2:
+            classes = None
+        else:
+            classes = out.logits.argmax(dim=1) if cfg.faithful else labels
+        cams = fine_cam(
             out,
             self.vit.head.weight,
             classes,
@@ -436,6 +347,7 @@ class WeakTRRefinery(Method):
             clamp=not cfg.faithful,
             roundtrip_size=size if cfg.faithful else None,
         )
+        return cams if classes is not None else tagged_only(cams, labels)
 
     # ---- fit ------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:
@@ -451,7 +363,7 @@ class WeakTRRefinery(Method):
         self.decoder = None
         if cfg.map != "finecam":
             state = ctx.stage("decoder", lambda: self._train_decoder(train, ctx))
-            decoder = self._new_decoder()
+            decoder = self._new_decoder(_channels(train))
             decoder.load_state_dict(state)
             self.decoder = decoder.to(device).eval()
 
@@ -471,7 +383,10 @@ class WeakTRRefinery(Method):
 
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(device, ctx.amp):
-                return F.cross_entropy(model(x), y)
+                logits = model(x)
+                if y.dim() == 2:  # multi-hot tags: the multi-label soft margin
+                    return multilabel_loss(logits, y)
+                return F.cross_entropy(logits, y)
 
         self._train_epochs(
             train,
@@ -524,15 +439,15 @@ class WeakTRRefinery(Method):
                 logger.info("%s stopped by the budget in epoch %d", desc, epoch + 1)
                 break
 
-    def _new_decoder(self) -> RefineryDecoder:
+    def _new_decoder(self, outputs: int = 1) -> RefineryDecoder:
         in_dim = int(self.vit.embed_dim)
-        return RefineryDecoder(in_dim, self.config.decoder_size)
+        return RefineryDecoder(in_dim, self.config.decoder_size, outputs)
 
     def _train_decoder(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
         cfg = self.config
         device = torch.device(ctx.device)
         with seeded(ctx.seed + 1):
-            decoder = self._new_decoder().to(device)
+            decoder = self._new_decoder(_channels(train)).to(device)
         optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
         window = clip_window_size(cfg.img_size, cfg.clip_window)
         tau = 1.0 if cfg.faithful else cfg.clip_tau
@@ -541,10 +456,15 @@ class WeakTRRefinery(Method):
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 out = vit_forward_with_attention(self.vit, x)
-                target = self._finecam(out, y)  # (N, 1, S, S)
+                target = self._finecam(out, y)  # (N, 1 or C, S, S)
             with autocast(device, ctx.amp):
                 logits = decoder(out.token_map())
             logits = resize(logits.float(), tuple(target.shape[-2:]))
+            if y.dim() == 2:  # one map per (image, tagged class); untagged outputs are unused
+                tagged = y > 0  # (N, C)
+                if not tagged.any():
+                    return logits.sum() * 0.0
+                logits, target = logits[tagged][:, None], target[tagged][:, None]  # (M, 1, S, S)
             return clipped_bce(logits, target, window, tau, top_left_only=cfg.faithful)
 
         self._train_epochs(
@@ -569,7 +489,10 @@ class WeakTRRefinery(Method):
 
     @torch.no_grad()
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """FineCAM of each image's label class, (N, 1, h, w) float32 in [0, 1]."""
+        """FineCAM of each image's label class, (N, 1, h, w) float32 in [0, 1].
+
+        On a multi-label set: the FineCAM of every class, (N, C, h, w), untagged classes zero.
+        """
         self._require_fit()
         _check_imageset(batch, "batch")
         device = torch.device(ctx.device)
@@ -581,7 +504,7 @@ class WeakTRRefinery(Method):
             labels = torch.from_numpy(np.array(sub.labels, dtype=np.int64)).to(device)
             cam = resize(self._finecam(out, labels), (h, w)).clamp(0.0, 1.0)
             maps.append(cam.cpu().numpy().astype(np.float32))
-        return np.concatenate(maps) if maps else np.zeros((0, 1, h, w), np.float32)
+        return np.concatenate(maps) if maps else np.zeros((0, _channels(batch), h, w), np.float32)
 
     @torch.no_grad()
     def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
@@ -589,13 +512,15 @@ class WeakTRRefinery(Method):
 
         For ``loss`` and ``decoder`` the frozen ViT is run again (the decoder reads its token
         map, and the loss map compares the decoder with FineCAM recomputed in the same pass,
-        unclamped when ``faithful``); ``maps`` gives the output size.
+        unclamped when ``faithful``); ``maps`` gives the output size. On a multi-label set,
+        one map per class from the decoder's output of that class (the loss map normalised per
+        map), untagged classes zero.
         """
         self._require_fit()
-        maps = np.asarray(maps)
-        if maps.ndim != 4 or maps.shape[0] != len(batch) or maps.shape[1] != 1:
+        maps, k = np.asarray(maps), _channels(batch)
+        if maps.ndim != 4 or maps.shape[0] != len(batch) or maps.shape[1] != k:
             raise ValueError(
-                f"{self.name}.refine: maps must be (N={len(batch)}, 1, h, w), got {maps.shape}"
+                f"{self.name}.refine: maps must be (N={len(batch)}, {k}, h, w), got {maps.shape}"
             )
         if self.config.map == "finecam":
             return maps.astype(np.float32, copy=False)
@@ -608,13 +533,15 @@ class WeakTRRefinery(Method):
             x = self._images(sub.images, device)
             out = vit_forward_with_attention(self.vit, x)
             labels = torch.from_numpy(np.array(sub.labels, dtype=np.int64)).to(device)
-            target = self._finecam(out, labels)  # (n, 1, S, S)
+            target = self._finecam(out, labels)  # (n, 1 or C, S, S)
             logits = resize(self.decoder(out.token_map()).float(), tuple(target.shape[-2:]))
             if self.config.map == "decoder":
                 m = torch.sigmoid(logits)
             else:
                 bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-                m = minmax_shift(bce)
+                m = minmax_shift(bce.flatten(0, 1)[:, None]).reshape(bce.shape)  # per map
+            if labels.dim() == 2:
+                m = tagged_only(m, labels)
             out_maps.append(resize(m, size).clamp(0.0, 1.0).cpu().numpy().astype(np.float32))
         return np.concatenate(out_maps)
 
@@ -627,6 +554,11 @@ class WeakTRRefinery(Method):
         }
 
 
+def _channels(data: ImageSet) -> int:
+    """Map channels (and decoder outputs): C on a multi-label set, else 1 (the label class)."""
+    return data.num_classes if data.multilabel else 1
+
+
 def _check_imageset(data: ImageSet, what: str) -> None:
     images = data.images
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -635,12 +567,17 @@ def _check_imageset(data: ImageSet, what: str) -> None:
             f"{images.dtype} {images.shape}"
         )
     labels = np.asarray(data.labels)
-    if labels.ndim != 1 or len(labels) != images.shape[0]:
+    if labels.ndim not in (1, 2) or len(labels) != images.shape[0]:
         raise ValueError(
-            f"weaktr_refinery: {what} labels must be (N,) single-label class indices "
-            f"(multi-label data is not supported), got shape {labels.shape}"
+            f"weaktr_refinery: {what} labels must be (N,) class indices or (N, C) multi-hot "
+            f"tags, got shape {labels.shape}"
         )
-    if len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
+    if labels.ndim == 2:
+        if labels.shape[1] != data.num_classes or not np.isin(labels, (0, 1)).all():
+            raise ValueError(
+                f"weaktr_refinery: {what} tags must be (N, {data.num_classes}) of 0 and 1"
+            )
+    elif len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
         raise ValueError(
             f"weaktr_refinery: {what} labels must lie in [0, {data.num_classes}), got "
             f"[{labels.min()}, {labels.max()}]"

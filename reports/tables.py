@@ -33,6 +33,7 @@ OK_STATUS = ("done", "budget")
 FAILED_STATUS = ("error", "skipped")
 STAGE_ORDER = ("fit", "maps_train", "maps_val", "maps_test", "segmenter", "segmenter_predict")
 RULE = ["---"]  # marks the line between methods and references in a cell grid
+BOX_RULE = ["---box"]  # marks the box-supervised methods (listed apart, not ranked)
 #: The trivial reference a degenerate method equals (see :func:`all_foreground_seeds`).
 ALL_FOREGROUND = "all_foreground"
 
@@ -92,8 +93,11 @@ def summarize(
     grouped = sel.groupby(["method_id", "metric"])["value"]
     table = grouped.agg(["mean", "std"]).unstack("metric")
     table.columns = [f"{m}_{s}" for s, m in table.columns]
+    if "supervision" not in sel:  # rows written before the column existed
+        sel = sel.assign(supervision="image")
     info = sel.groupby("method_id").agg(
         kind=("kind", "first"),
+        supervision=("supervision", "first"),
         n_seeds=("seed", "nunique"),
         status=("status", lambda s: "budget" if (s == "budget").any() else "done"),
         threshold=("threshold", "mean"),
@@ -292,17 +296,30 @@ def format_table(
     header = ["Method", *(labels.get(m, m) for m in metrics), *extra.values()]
     best = _best_values(summary, metrics)
     lines: list[list[str]] = []
-    for kind in ("method", "reference"):
-        part = summary[summary["kind"] == kind]
-        if kind == "reference" and len(part) and lines:
-            lines.append(RULE)
+    box = _is_box(summary)
+    groups = (
+        ("method", summary[(summary["kind"] == "method") & ~box], None),
+        ("box", summary[(summary["kind"] == "method") & box], BOX_RULE),
+        ("reference", summary[summary["kind"] == "reference"], RULE),
+    )
+    for _, part, rule in groups:
+        if rule is not None and len(part) and (lines or rule == BOX_RULE):
+            lines.append(rule)  # the box group is always labelled
         for method_id, row in part.iterrows():
             lines.append(_row_cells(str(method_id), row, metrics, extra, best, marks, style))
     return render_grid(header, lines, style)
 
 
+def _is_box(summary: pd.DataFrame) -> pd.Series:
+    """Rows of box-supervised methods (listed apart, never ranked with image-level ones)."""
+    if "supervision" not in summary:
+        return pd.Series(False, index=summary.index)
+    return summary["supervision"].fillna("image") == "box"
+
+
 def _best_values(summary: pd.DataFrame, metrics: Sequence[str]) -> dict[str, float]:
-    methods_only = summary[(summary["kind"] == "method") & ~is_all_foreground(summary)]
+    image_level = (summary["kind"] == "method") & ~_is_box(summary)
+    methods_only = summary[image_level & ~is_all_foreground(summary)]
     best: dict[str, float] = {}
     for m in metrics:
         col = f"{m}_mean"
@@ -389,6 +406,8 @@ def render_grid(header: Sequence[str], lines: Sequence[Sequence[str]], style: st
         for cells in lines:
             if list(cells) == RULE:
                 out.append("| *references* |" + " |" * (len(header) - 1))
+            elif list(cells) == BOX_RULE:
+                out.append("| *box-supervised (not ranked)* |" + " |" * (len(header) - 1))
             else:
                 out.append("| " + " | ".join(cells) + " |")
         return "\n".join(out) + "\n"
@@ -399,7 +418,8 @@ def render_grid(header: Sequence[str], lines: Sequence[Sequence[str]], style: st
         "\\midrule",
     ]
     for cells in lines:
-        out.append("\\midrule" if list(cells) == RULE else " & ".join(cells) + " \\\\")
+        rule = list(cells) in (RULE, BOX_RULE)
+        out.append("\\midrule" if rule else " & ".join(cells) + " \\\\")
     out += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(out) + "\n"
 

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 
 from methods.base import Context, ImageSet, create_method, list_methods
 from methods.common.data import to_tensor
+from methods.common.refinery_decoder import clip_keep_mask, clip_window_size, clipped_bce
 from methods.common.vit import build_vit, vit_forward_with_attention
-from methods.weaktr_refinery import (
-    MAP_OPTIONS,
-    clip_keep_mask,
-    clip_window_size,
-    clipped_bce,
-    fine_cam,
-)
+from methods.weaktr_refinery import MAP_OPTIONS, fine_cam
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -389,3 +384,105 @@ def test_numeric_overrides_from_specs_are_numbers() -> None:
         create_method("weaktr_refinery[lr=fast]", "tiny")
     with pytest.raises((TypeError, ValueError), match="'epochs' expects int"):
         create_method("weaktr_refinery[epochs=1.5]", "tiny")
+
+
+# ---- the multi-label form --------------------------------------------------------------------
+def _multilabel_imageset(n: int = 8, size: int = 64, seed: int = 0) -> ImageSet:
+    """Discs (class 0), squares (class 1) and bars (class 2); one or two of them per image."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(n, size, size, 3), dtype=np.uint8)
+    tags = np.zeros((n, 3), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    colours = [(220, 180, 90), (90, 200, 220), (200, 90, 200)]
+    for i in range(n):
+        for c in rng.choice(3, size=1 + i % 2, replace=False):
+            tags[i, c] = 1
+            cy, cx, r = rng.integers(14, 50), rng.integers(14, 50), rng.integers(6, 12)
+            inside = [
+                (yy - cy) ** 2 + (xx - cx) ** 2 < r * r,
+                (abs(yy - cy) < r) & (abs(xx - cx) < r),
+                (abs(yy - cy) < r // 3) & (abs(xx - cx) < r),
+            ][c]
+            images[i][inside] = colours[c]
+    return ImageSet(images=images, labels=tags, num_classes=3, names=[f"m{i}" for i in range(n)])
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_finecam_of_every_class_is_each_class_finecam(clamp: bool) -> None:
+    model = _tiny_vit(num_classes=3)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = vit_forward_with_attention(model, x)
+        every = fine_cam(out, model.head.weight, None, (64, 64), clamp=clamp)
+        roundtrip = fine_cam(out, model.head.weight, None, (64, 64), clamp, (128, 128))
+        assert every.shape == (2, 3, 64, 64)
+        for c in range(3):
+            one = torch.full((2,), c)
+            torch.testing.assert_close(
+                every[:, c : c + 1], fine_cam(out, model.head.weight, one, (64, 64), clamp=clamp)
+            )
+            torch.testing.assert_close(
+                roundtrip[:, c : c + 1],
+                fine_cam(out, model.head.weight, one, (64, 64), clamp, (128, 128)),
+            )
+
+
+@pytest.fixture(scope="module")
+def multilabel_ctx(tmp_path_factory) -> CachingContext:
+    return CachingContext(
+        cache_stages=("classifier",), seed=0, workdir=tmp_path_factory.mktemp("weaktr_ml")
+    )
+
+
+def test_multilabel_trains_on_tags_and_tagged_maps(multilabel_ctx, monkeypatch) -> None:
+    import methods.weaktr_refinery as wk
+
+    data = _multilabel_imageset()
+    soft_margin, decoder_maps = [], []
+    real_loss, real_bce = wk.multilabel_loss, wk.clipped_bce
+
+    def loss_spy(logits, tags):
+        soft_margin.append(tags.clone())
+        return real_loss(logits, tags)
+
+    def bce_spy(logits, target, *args, **kwargs):
+        decoder_maps.append(tuple(target.shape))
+        return real_bce(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(wk, "multilabel_loss", loss_spy)
+    monkeypatch.setattr(wk, "clipped_bce", bce_spy)
+    multilabel_ctx.cache.clear()
+    method = create_method("weaktr_refinery", "tiny")
+    method.fit(data, multilabel_ctx)
+    # the classifier learns the multi-hot tags with the multi-label soft margin
+    seen = torch.cat(soft_margin).numpy()
+    assert seen.shape[1] == 3 and seen.sum(axis=1).max() == 2
+    assert {tuple(r) for r in seen} <= {tuple(r) for r in data.tags()}
+    # the decoder has one output per class; one clipped-BCE map per (image, tagged class)
+    assert method.decoder.layers[-1].out_channels == 3
+    assert sum(s[0] for s in decoder_maps) == int(data.tags().sum())  # one epoch, every image
+    assert {s[1] for s in decoder_maps} == {1}
+
+
+@pytest.mark.parametrize("option", MAP_OPTIONS)
+def test_multilabel_untagged_classes_are_never_mapped(option: str, multilabel_ctx) -> None:
+    data = _multilabel_imageset()
+    method = create_method(f"weaktr_refinery[map={option}]", "tiny")
+    method.fit(data, multilabel_ctx)
+    cams = method.localize(data, multilabel_ctx)
+    maps = method.refine(data, cams, multilabel_ctx)
+    untagged = np.broadcast_to(data.tags()[:, :, None, None] == 0, maps.shape)
+    for m in (cams, maps):
+        assert m.shape == (8, 3, 64, 64) and m.dtype == np.float32
+        assert m.min() >= 0.0 and m.max() <= 1.0
+        assert np.all(m[untagged] == 0)
+        assert all(m[i, c].std() > 1e-4 for i, c in zip(*np.nonzero(data.tags())))
+    with pytest.raises(ValueError, match=r"maps must be \(N=8, 3, h, w\)"):
+        method.refine(data, cams[:, :1], multilabel_ctx)
+
+
+def test_multilabel_tags_are_checked(multilabel_ctx) -> None:
+    data = _multilabel_imageset(n=4)
+    data.labels = data.labels * 2
+    with pytest.raises(ValueError, match="tags must be"):
+        create_method("weaktr_refinery", "tiny").fit(data, multilabel_ctx)
