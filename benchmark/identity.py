@@ -91,7 +91,7 @@ def code_version(method_cls: type[Method]) -> str:
     """Hash of the source that determines a method's outputs, plus :data:`STAGE_FORMAT`.
 
     Covered: the method's module and every ``methods.*`` module it imports (``cam_affinitynet``
-    builds on ``cam``), ``methods/common`` and ``methods/base.py``. Not covered, on
+    builds on ``cam``), ``methods/common``, ``methods/base.py`` and ``methods/specs.py``. Not covered, on
     purpose: the runner, the evaluator, reports and the dataset loaders, so that editing them
     does not throw away hours of cached training. The data a method sees is keyed separately
     (dataset fingerprint, split hash, image size); a runner change that alters what a stage
@@ -103,7 +103,7 @@ def code_version(method_cls: type[Method]) -> str:
     """
     files = _method_sources(Path(sys.modules[method_cls.__module__].__file__ or ""))
     files.extend(sorted((REPO / "methods" / "common").glob("*.py")))
-    files.append(REPO / "methods" / "base.py")
+    files.extend(REPO / "methods" / name for name in ("base.py", "specs.py"))
     h = hashlib.sha256(f"stage-format-{STAGE_FORMAT}".encode())
     for f in files:
         if f.is_file():

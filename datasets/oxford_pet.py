@@ -26,7 +26,8 @@ truncation is caught), and every trimap's pixels. An unusable image becomes an
 :class:`Exclusion` with a human-readable reason; nothing raises except an unusable root
 (:class:`~datasets.DatasetError`). With full verification the image cache never meets an
 undecodable file; ``verify="header"`` skips the full decode for very large sets, and the cache
-builder then records any failure instead of crashing (see :mod:`datasets.cache`).
+builder then records any failure instead of crashing (see :mod:`datasets.cache`). The checks of
+the layout, the lists, each image and each trimap live in :mod:`datasets.pet_checks`.
 """
 
 from __future__ import annotations
@@ -42,31 +43,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from datasets.conventions import DatasetError
 from datasets.imaging import decode_image, file_sha256, read_trimap
+from datasets.pet_checks import (
+    IMAGE_EXTENSIONS,
+    LAYOUT_HELP,
+    MAX_CLASS_ID,
+    OXFORD_PET_URL,
+    ListEntry,
+    Problems,
+    check_image,
+    check_layout,
+    check_trimap,
+    read_lists,
+    relative,
+)
 from datasets.registry import register_dataset
 
 logger = logging.getLogger(__name__)
 
-#: Where the data comes from.
-OXFORD_PET_URL = "https://www.robots.ox.ac.uk/~vgg/data/pets/"
-#: Class ids of the release are 1..MAX_CLASS_ID.
-MAX_CLASS_ID = 37
+__all__ = [  # the file checks live in datasets.pet_checks; their public names re-exported here
+    "IMAGE_EXTENSIONS",
+    "LABEL_KINDS",
+    "LAYOUT_HELP",
+    "MAX_CLASS_ID",
+    "OXFORD_PET_URL",
+    "Exclusion",
+    "OxfordPet",
+    "Record",
+    "data_home",
+]
+
 #: Accepted values of the ``label`` parameter.
 LABEL_KINDS = ("breed", "species")
-#: File name endings accepted in images/ (content is still sniffed, never trusted).
-IMAGE_EXTENSIONS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
-
-LAYOUT_HELP = f"""Expected layout:
-  <root>/images/*.jpg
-  <root>/annotations/trimaps/*.png
-  <root>/annotations/list.txt  (or annotations/trainval.txt + annotations/test.txt)
-  <root>/annotations/xmls/*.xml  (optional head boxes)
-Get the data from {OXFORD_PET_URL} (images.tar.gz and annotations.tar.gz, both extracted
-into <root>), and pass root=<root> or set WSSS_BENCH_DATA so that <root> is
-$WSSS_BENCH_DATA/oxford-pet."""
 
 
 def data_home() -> Path:
@@ -117,25 +127,6 @@ class Exclusion:
         return {"name": self.name, "file": self.file, "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class _ListEntry:
-    class_id: int
-    species: int
-    breed_id: int
-    source: str
-
-
-def _find_dataset_below(root: Path) -> Path | None:
-    """A child (or grandchild) of ``root`` that looks like the dataset root, for hints."""
-    if not root.is_dir():
-        return None
-    for child in sorted(root.iterdir()):
-        for candidate in (child, *(sorted(child.iterdir()) if child.is_dir() else ())):
-            if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
-                return candidate
-    return None
-
-
 @register_dataset
 class OxfordPet:
     """Oxford-IIIT Pet from its release layout, with validation and exclusion reasons.
@@ -166,136 +157,13 @@ class OxfordPet:
         self._verify = verify
         self._hashes: dict[Path, tuple[int, int, str]] = {}
         self._head_boxes: dict[str, tuple[int, int, int, int] | None] = {}
-        self._check_layout()
+        check_layout(self.name, self.root)
         self._scan()
 
     # ------------------------------------------------------------------ layout and lists
 
     def _rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return str(path)
-
-    def _check_layout(self) -> None:
-        root, ann = self.root, self.root / "annotations"
-        if not root.exists():
-            what = f"dataset root {root} does not exist"
-        elif not root.is_dir():
-            what = f"dataset root {root} is not a folder"
-        else:
-            missing = [
-                rel
-                for rel, ok in (
-                    ("images/", (root / "images").is_dir()),
-                    ("annotations/trimaps/", (ann / "trimaps").is_dir()),
-                    (
-                        "annotations/list.txt (or trainval.txt + test.txt)",
-                        (ann / "list.txt").is_file()
-                        or ((ann / "trainval.txt").is_file() and (ann / "test.txt").is_file()),
-                    ),
-                )
-                if not ok
-            ]
-            if not missing:
-                return
-            what = f"{root} is not an Oxford-IIIT Pet root: missing {', '.join(missing)}"
-        hint = ""
-        below = _find_dataset_below(root)
-        if below is not None:
-            hint = f"\nHint: {below} looks like the dataset root; pass root={below}."
-        raise DatasetError(f"{self.name}: {what}.\n{LAYOUT_HELP}{hint}")
-
-    def _parse_list(
-        self, path: Path, problems: dict[str, list[tuple[str, str]]]
-    ) -> dict[str, _ListEntry]:
-        rel = self._rel(path)
-        try:
-            # utf-8-sig: a byte-order mark (Windows editors) is not part of the first name
-            text = path.read_text(encoding="utf-8-sig", errors="replace")
-        except OSError as error:
-            raise DatasetError(f"{path}: cannot read list file: {error}") from error
-        entries: dict[str, _ListEntry] = {}
-        for lineno, raw in enumerate(text.splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            name, where = parts[0], f"{rel} line {lineno}"
-            if len(parts) != 4:
-                problems[name].append(
-                    (
-                        rel,
-                        f"{where}: expected 4 columns (name, class id, species, breed id), "
-                        f"got {len(parts)}",
-                    )
-                )
-                continue
-            try:
-                class_id, species, breed_id = (int(p) for p in parts[1:])
-            except ValueError:
-                problems[name].append((rel, f"{where}: non-integer id in {line!r}"))
-                continue
-            if not 1 <= class_id <= MAX_CLASS_ID:
-                problems[name].append(
-                    (rel, f"{where}: unknown class id {class_id} (expected 1..{MAX_CLASS_ID})")
-                )
-                continue
-            if species not in (1, 2):
-                problems[name].append(
-                    (rel, f"{where}: unknown species {species} (expected 1 = cat, 2 = dog)")
-                )
-                continue
-            if breed_id < 1:
-                problems[name].append((rel, f"{where}: breed id {breed_id} is not positive"))
-                continue
-            entry = _ListEntry(class_id, species, breed_id, rel)
-            previous = entries.get(name)
-            if previous is not None and (previous.class_id, previous.species) != (
-                class_id,
-                species,
-            ):
-                problems[name].append((rel, f"{where}: listed again with different ids"))
-                continue
-            entries[name] = entry
-        return entries
-
-    def _read_lists(
-        self, problems: dict[str, list[tuple[str, str]]]
-    ) -> tuple[dict[str, _ListEntry], dict[str, str], str]:
-        """Entries by name, official split by name, and the description of the listing."""
-        ann = self.root / "annotations"
-        split_of: dict[str, str] = {}
-        split_entries: dict[str, _ListEntry] = {}
-        for split in ("trainval", "test"):
-            path = ann / f"{split}.txt"
-            if not path.is_file():
-                continue
-            for name, entry in self._parse_list(path, problems).items():
-                if name in split_of and split_of[name] != split:
-                    problems[name].append(
-                        (entry.source, "listed in both annotations/trainval.txt and test.txt")
-                    )
-                    continue
-                split_of[name] = split
-                split_entries[name] = entry
-        main = ann / "list.txt"
-        if not main.is_file():
-            return split_entries, split_of, "annotations/trainval.txt or test.txt"
-        entries = self._parse_list(main, problems)
-        for name, entry in split_entries.items():
-            listed = entries.get(name)
-            if listed is None:
-                entries[name] = entry
-            elif listed.class_id != entry.class_id:
-                problems[name].append(
-                    (
-                        entry.source,
-                        f"class id {listed.class_id} in annotations/list.txt but "
-                        f"{entry.class_id} in {entry.source}",
-                    )
-                )
-        return entries, split_of, "annotations/list.txt"
+        return relative(path, self.root)
 
     # ------------------------------------------------------------------ validation
 
@@ -320,75 +188,56 @@ class OxfordPet:
         )
         return f"{self._rel(path)} is a link to {target}, outside the dataset root; not read"
 
-    def _check_image(self, path: Path) -> tuple[list[str], list[str], tuple[int, int] | None]:
-        """Problems, notes and (H, W) of one image file."""
-        if path.stat().st_size == 0:
-            return ["zero-byte image file"], [], None
-        notes: list[str] = []
-        try:
-            image = Image.open(path)
-        except UnidentifiedImageError:
-            return ["not a decodable image (no known image format in its bytes)"], [], None
-        except Image.DecompressionBombError as error:
-            return [f"image too large to decode safely ({error})"], [], None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            return [f"unreadable image header ({error})"], [], None
-        with image:
-            fmt, (width, height) = image.format, image.size
-            expected = IMAGE_EXTENSIONS.get(path.suffix.lower())
-            if fmt != expected:
-                notes.append(f"{fmt} bytes under a {path.suffix} name")
-            if self._verify == "full":
-                try:
-                    if fmt == "JPEG":
-                        image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                    image.load()
-                except Image.DecompressionBombError as error:
-                    return [f"image too large to decode safely ({error})"], notes, None
-                except (OSError, SyntaxError, ValueError, EOFError) as error:
-                    kind = "truncated" if "truncated" in str(error) else "corrupt"
-                    return [f"{kind} image data ({error})"], notes, None
-        return [], notes, (height, width)
-
-    def _check_trimap(self, path: Path, size: tuple[int, int] | None) -> list[str]:
-        rel = self._rel(path)
-        if not path.is_file():
-            return [f"missing trimap {rel}"]
-        if path.stat().st_size == 0:
-            return [f"trimap {rel} is a zero-byte file"]
-        try:
-            values = read_trimap(path)
-        except UnidentifiedImageError:
-            return [f"trimap {rel} is not a decodable image"]
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            return [f"unreadable trimap {rel} ({error})"]
-        reasons = []
-        if size is not None and values.shape != size:
-            reasons.append(
-                f"trimap size {values.shape[1]}x{values.shape[0]} != image size "
-                f"{size[1]}x{size[0]} (W x H)"
-            )
-        counts = np.bincount(values.ravel(), minlength=256)
-        outside = [int(v) for v in np.flatnonzero(counts) if v not in (1, 2, 3)]
-        if outside:
-            shown = ", ".join(map(str, outside[:8])) + (", ..." if len(outside) > 8 else "")
-            reasons.append(f"trimap values outside {{1, 2, 3}}: {shown}")
-        if counts[1] == 0:
-            if counts[2] > 0 and counts[3] == 0 and not outside:
-                reasons.append("trimap is all background")
-            else:
-                reasons.append("trimap has no pet pixel (value 1)")
-        return reasons
-
     def _scan(self) -> None:
-        problems: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        entries, split_of, listing = self._read_lists(problems)
-        images_dir = self.root / "images"
-        trimaps_dir = self.root / "annotations" / "trimaps"
+        """Check every image file against the lists; set records, sizes and exclusions.
+
+        Raises:
+            DatasetError: no image is usable (the first exclusions are shown).
+        """
+        problems: Problems = defaultdict(list)
+        entries, split_of, listing = read_lists(self.root, problems)
         files = sorted(
-            p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith(".")
+            p
+            for p in (self.root / "images").iterdir()
+            if p.is_file() and not p.name.startswith(".")
         )
         self.image_file_names: tuple[str, ...] = tuple(p.name for p in files)
+        by_name, exclusions = self._index_images(files)
+        usable: list[tuple[str, Path, Path, ListEntry]] = []
+        self._sizes: dict[str, tuple[int, int]] = {}
+        for name, path in by_name.items():
+            line_problems = problems.pop(name, [])
+            excluded, notes, size = self._check_pair(
+                name, path, name in entries or bool(line_problems), line_problems, listing
+            )
+            if excluded is not None:
+                exclusions.append(excluded)
+                continue
+            if notes:
+                logger.info("%s: %s (decoded by content)", self._rel(path), "; ".join(notes))
+            trimap_path = self.root / "annotations" / "trimaps" / f"{name}.png"
+            usable.append((name, path, trimap_path, entries[name]))
+            assert size is not None
+            self._sizes[name] = size
+        exclusions.extend(_unmatched(entries, by_name, problems))
+        if not usable:
+            raise self._no_usable_image(len(files), exclusions)
+        self._build_records(usable, split_of)
+        self.exclusions: list[Exclusion] = sorted(exclusions, key=lambda e: (e.name, e.file))
+        if self.exclusions:
+            logger.warning(
+                "%s: %d of %d image files usable, %d exclusions (see .exclusions or check()); "
+                "first: %s: %s",
+                self.root,
+                len(self.records),
+                len(files),
+                len(self.exclusions),
+                self.exclusions[0].file,
+                self.exclusions[0].reason,
+            )
+
+    def _index_images(self, files: list[Path]) -> tuple[dict[str, Path], list[Exclusion]]:
+        """Image files by name, and the exclusions of unexpected types and duplicate names."""
         exclusions: list[Exclusion] = []
         by_name: dict[str, Path] = {}
         for path in files:
@@ -411,76 +260,67 @@ class OxfordPet:
                 )
             else:
                 by_name[path.stem] = path
+        return by_name, exclusions
 
-        usable: list[tuple[str, Path, Path, _ListEntry]] = []
-        self._sizes: dict[str, tuple[int, int]] = {}
-        for name, path in by_name.items():
-            reasons: list[tuple[str, str]] = []
-            line_problems = problems.pop(name, [])
-            if name not in entries and not line_problems:
-                reasons.append((self._rel(path), f"not in {listing}"))
-            reasons.extend(line_problems)
-            trimap_path = trimaps_dir / f"{name}.png"
-            outside = self._outside_root(path, images_dir)
-            if outside:
-                reasons.append((self._rel(path), outside))
-                image_problems, notes, size = [], [], None
-            else:
-                image_problems, notes, size = self._check_image(path)
-            reasons.extend((self._rel(path), reason) for reason in image_problems)
-            outside = self._outside_root(trimap_path, trimaps_dir)
-            if outside:
-                trimap_problems = [outside]
-            else:
-                trimap_problems = self._check_trimap(trimap_path, size)
-            if reasons:
-                text = "; ".join([r for _, r in reasons] + notes + trimap_problems)
-                exclusions.append(Exclusion(name, reasons[0][0], text))
-            elif trimap_problems:
-                text = "; ".join(notes + trimap_problems)
-                exclusions.append(Exclusion(name, self._rel(trimap_path), text))
-            else:
-                if notes:
-                    logger.info("%s: %s (decoded by content)", self._rel(path), "; ".join(notes))
-                usable.append((name, path, trimap_path, entries[name]))
-                assert size is not None
-                self._sizes[name] = size
-        for name in sorted(set(entries) - set(by_name)):
-            exclusions.append(
-                Exclusion(
-                    name,
-                    f"images/{name}.jpg",
-                    f"listed in {entries[name].source} but images/{name}.jpg is missing",
-                )
-            )
-        for name, found in sorted(problems.items()):
-            if found and name not in entries:
-                exclusions.append(Exclusion(name, found[0][0], "; ".join(r for _, r in found)))
+    def _check_pair(
+        self,
+        name: str,
+        path: Path,
+        listed: bool,
+        line_problems: list[tuple[str, str]],
+        listing: str,
+    ) -> tuple[Exclusion | None, list[str], tuple[int, int] | None]:
+        """Check one image and its trimap.
 
-        if not usable:
-            shown = "\n".join(f"  {e.file}: {e.reason}" for e in exclusions[:10])
-            raise DatasetError(
-                f"{self.name}: no usable image under {self.root} "
-                f"({len(files)} files in images/, {len(exclusions)} excluded)"
-                + (f":\n{shown}" if shown else ".")
-                + f"\n{LAYOUT_HELP}"
-            )
-        self._build_records(usable, split_of)
-        self.exclusions: list[Exclusion] = sorted(exclusions, key=lambda e: (e.name, e.file))
-        if self.exclusions:
-            logger.warning(
-                "%s: %d of %d image files usable, %d exclusions (see .exclusions or check()); "
-                "first: %s: %s",
-                self.root,
-                len(self.records),
-                len(files),
-                len(self.exclusions),
-                self.exclusions[0].file,
-                self.exclusions[0].reason,
-            )
+        Args:
+            name: the image name.
+            path: the image file.
+            listed: whether the lists name it (with or without a faulty line).
+            line_problems: (file, reason) of its faulty list lines.
+            listing: the description of the listing, for "not in ..." messages.
+
+        Returns:
+            Its exclusion (None if usable), notes on its file, and its (H, W) if decoded.
+        """
+        images_dir = self.root / "images"
+        trimaps_dir = self.root / "annotations" / "trimaps"
+        reasons: list[tuple[str, str]] = []
+        if not listed:
+            reasons.append((self._rel(path), f"not in {listing}"))
+        reasons.extend(line_problems)
+        trimap_path = trimaps_dir / f"{name}.png"
+        outside = self._outside_root(path, images_dir)
+        if outside:
+            reasons.append((self._rel(path), outside))
+            image_problems, notes, size = [], [], None
+        else:
+            image_problems, notes, size = check_image(path, self._verify)
+        reasons.extend((self._rel(path), reason) for reason in image_problems)
+        outside = self._outside_root(trimap_path, trimaps_dir)
+        if outside:
+            trimap_problems = [outside]
+        else:
+            trimap_problems = check_trimap(trimap_path, self._rel(trimap_path), size)
+        if reasons:
+            text = "; ".join([r for _, r in reasons] + notes + trimap_problems)
+            return Exclusion(name, reasons[0][0], text), notes, size
+        if trimap_problems:
+            text = "; ".join(notes + trimap_problems)
+            return Exclusion(name, self._rel(trimap_path), text), notes, size
+        return None, notes, size
+
+    def _no_usable_image(self, n_files: int, exclusions: list[Exclusion]) -> DatasetError:
+        """The error for a root without one usable image, showing the first exclusions."""
+        shown = "\n".join(f"  {e.file}: {e.reason}" for e in exclusions[:10])
+        return DatasetError(
+            f"{self.name}: no usable image under {self.root} "
+            f"({n_files} files in images/, {len(exclusions)} excluded)"
+            + (f":\n{shown}" if shown else ".")
+            + f"\n{LAYOUT_HELP}"
+        )
 
     def _build_records(
-        self, usable: list[tuple[str, Path, Path, _ListEntry]], split_of: dict[str, str]
+        self, usable: list[tuple[str, Path, Path, ListEntry]], split_of: dict[str, str]
     ) -> None:
         if self.label_kind == "breed":
             ids = sorted({entry.class_id for *_, entry in usable})
@@ -629,3 +469,22 @@ class OxfordPet:
             "classes": list(self.class_names),
             "splits": summary_splits,
         }
+
+
+def _unmatched(
+    entries: dict[str, ListEntry], by_name: dict[str, Path], problems: Problems
+) -> list[Exclusion]:
+    """Exclusions of listed names without an image, and of names known only by bad lines."""
+    exclusions = []
+    for name in sorted(set(entries) - set(by_name)):
+        exclusions.append(
+            Exclusion(
+                name,
+                f"images/{name}.jpg",
+                f"listed in {entries[name].source} but images/{name}.jpg is missing",
+            )
+        )
+    for name, found in sorted(problems.items()):
+        if found and name not in entries:
+            exclusions.append(Exclusion(name, found[0][0], "; ".join(r for _, r in found)))
+    return exclusions

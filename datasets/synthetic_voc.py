@@ -50,8 +50,8 @@ from scipy import ndimage
 from datasets.conventions import DatasetError
 from datasets.oxford_pet import data_home
 from datasets.registry import register_dataset
-from datasets.synthetic import (
-    MAX_CLASSES,
+from datasets.synthetic import MAX_CLASSES
+from datasets.synthetic_render import (
     PART_COLOURS,
     _background,
     _ellipse,

@@ -36,7 +36,9 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 def test_same_seed_gives_byte_identical_files(tmp_path):
     a = _tree_hashes(generate_synthetic(tmp_path / "a", **SMALL))
     b = _tree_hashes(generate_synthetic(tmp_path / "b", **SMALL))
-    assert len(a) == 2 * SMALL["n_images"] + 4  # images, trimaps, 3 lists, marker
+    n_trainval = 6  # round(0.6 * 4) per class, 3 classes: their head-box XMLs
+    assert len(a) == 2 * SMALL["n_images"] + n_trainval + 4  # + 3 lists, marker
+    assert sum(k.startswith("annotations/xmls/") for k in a) == n_trainval
     assert a == b
     c = _tree_hashes(generate_synthetic(tmp_path / "c", **{**SMALL, "seed": 6}))
     differing = [k for k in a if k.startswith("images/") and a[k] != c.get(k)]
