@@ -36,15 +36,36 @@ Pipeline (internal stages go through ``ctx.stage``):
    ``M*_fg / (M*_fg + M*_bg)`` (``output="ratio"``: threshold 0.5 is exactly psa's argmax over
    [bg, fg]). Either is in [0, 1]; the harness picks the threshold on validation.
 
+Multi-label form (PASCAL VOC, ``synthetic_voc``), psa's own VOC pipeline:
+
+- The shared ``cam`` classifier is multi-label (soft margin loss); its CAMs are one map per
+  class, each normalised by its max, zero for untagged classes (psa ``infer_cls.py`` multiplies
+  the CAMs by the label vector and keeps the tagged ones).
+- Seeds, ``seed_rule="irnet"`` (default, as on binary data; IRNet's ``cam_to_ir_label``):
+  ``M = max_c M_c``; label ``1 + argmax_c M_c`` where ``M >= fg_threshold``, bg where
+  ``M < bg_threshold``; the CRF, if on, runs over background and the tagged classes.
+  ``seed_rule="psa"`` (psa ``infer_cls.py`` + ``voc12/data.py`` ``VOC12AffDataset``):
+  argmax over ``[(1 - max_c M_c) ** alpha, M_1..M_C]`` (CRF'd if ``crf_confident``) at
+  ``psa_low_alpha`` 4 (its classes are the confident fg) and ``psa_high_alpha`` 32 (its
+  background is the confident bg); elsewhere ignore.
+- Pairs: positive when both ends carry the same label (bg-bg or the same class), negative when
+  the labels differ, two different classes included (psa ``ExtractAffinityLabelInRadius``).
+- Walk: every channel of ``[(1 - max_c M_c) ** 16, M_1..M_C]`` (psa ``infer_aff.py``: alpha
+  16, beta 8, logt 8). Returned: the walked class channels of the tagged classes, each
+  normalised by its own max (``output="max"``, IRNet) or ``M*_c / (M*_c + M*_bg)``
+  (``output="ratio"``: background score 0.5 reproduces psa's argmax over ``[M*_bg, M*_c]``);
+  the harness's argmax over ``[t, maps]`` with ``t`` chosen on validation replaces psa's
+  fixed argmax.
+
 Deviations from the original:
 
 - Backbone: a timm ResNet (ResNet-50 on ``paper``) instead of ResNet-38 / VGG-16; layer3 and
   layer4 run at output stride 16 and are upsampled to stride 8 (``aff_output_stride=8``
   dilates them instead, closer to ResNet-38's stride-8 stages at 4x their cost).
   ``aff_stages`` picks the three stages (psa's conv4-6 correspond to layer2-4).
-- Confident regions use IRNet's fixed thresholds on the normalised CAM instead of psa's two
-  CRF passes on ``(1 - max M) ** alpha`` backgrounds (alpha 4 / 32); ``crf_confident`` adds
-  the CRF cleaning.
+- Confident regions use IRNet's fixed thresholds on the normalised CAM by default instead of
+  psa's two CRF passes on ``(1 - max M) ** alpha`` backgrounds (alpha 4 / 32), which
+  ``seed_rule="psa"`` offers; ``crf_confident`` adds the CRF cleaning to either.
 - Pairs cover the whole grid (every node pair within the radius that fits), not only the
   nodes whose full half-disk fits inside the crop.
 - Training augmentation: random resized crop (side ``aff_crop_min``..1 of the image) and
@@ -53,12 +74,12 @@ Deviations from the original:
   so its effective momentum is 5e-4; lr 0.1 (new layers 10x) was tuned for that.
 - Random walk on the stride-8 grid of the whole image; dense ``T`` (squaring) on small grids,
   ``t`` sparse products on large ones (same result; psa always squares a dense matrix).
-- Output: a soft map (one fg channel, the label class) instead of psa's hard argmax, so the
-  harness can sweep thresholds. The default is IRNet's max normalisation: with a CAM that
-  lights a small part of the object, ``fg / (fg + bg)`` inside the object scales with the
-  lit fraction, which varies per image. Measured on the synthetic ``quick`` data with GT
-  pair affinities (an oracle walk of the same CAMs): pet IoU 0.75 with ``max``, 0.41 with
-  ``ratio``.
+- Output: soft maps (one channel per class; the label class on binary data) instead of psa's
+  hard argmax, so the harness can sweep thresholds. The default is IRNet's max
+  normalisation: with a CAM that lights a small part of the object, ``fg / (fg + bg)``
+  inside the object scales with the lit fraction, which varies per image. Measured on the
+  synthetic ``quick`` data with GT pair affinities (an oracle walk of the same CAMs): pet
+  IoU 0.75 with ``max``, 0.41 with ``ratio``.
 - ``quick``: the offline ImageNet EfficientNet-Lite0 for both networks (affinity stages 2-4:
   40, 112, 320 channels), Adam with new layers at 10x, BatchNorm of the pretrained trunk
   frozen (as psa), a 64-channel embedding (the pair differences of a 448-channel one cost 3x
@@ -86,8 +107,19 @@ from torch import nn
 
 from datasets.conventions import IGNORE
 from methods.base import Context, ImageSet, Method, register_method
-from methods.common.backbones import create_backbone
-from methods.common.crf import crf_labels
+from methods.common.affinity import (
+    LOG_EPS,
+    AffinityNet,
+    affinity_labels,
+    affinity_loss,
+    confident_labels,
+    downsample_labels,
+    pair_affinities,
+    poly_lr,
+    psa_confident_labels,
+    random_resized_crop,
+)
+from methods.common.cam import tagged_only
 from methods.common.data import (
     apply_hflip,
     autocast,
@@ -102,230 +134,20 @@ from methods.common.random_walk import PairGrid, pair_grid, random_walk
 
 logger = logging.getLogger(__name__)
 
-LOG_EPS = 1e-5
-
-
-# ---- confident regions and pair labels -----------------------------------------------------
-def confident_labels(
-    cam: np.ndarray,
-    fg_threshold: float = 0.30,
-    bg_threshold: float = 0.05,
-    image: np.ndarray | None = None,
-    crf: bool = False,
-) -> np.ndarray:
-    """Confident fg / bg regions of one normalised CAM.
-
-    Args:
-        cam: (H, W) CAM of the label class in [0, 1].
-        fg_threshold: fg where ``cam >= fg_threshold``.
-        bg_threshold: bg where ``cam < bg_threshold``.
-        image: (H, W, 3) uint8 image, needed when ``crf``.
-        crf: clean both regions with a dense CRF (IRNet): fg = CRF of the fg-threshold
-            labels says fg; bg = CRF of the bg-threshold labels says bg; else ignore.
-
-    Returns:
-        (H, W) uint8: 1 fg, 0 bg, 255 ignore.
-    """
-    cam = np.asarray(cam, dtype=np.float32)
-    if cam.ndim != 2:
-        raise ValueError(f"confident_labels expects an (H, W) map; got shape {cam.shape}")
-    if not bg_threshold <= fg_threshold:
-        raise ValueError(f"bg_threshold {bg_threshold} must be <= fg_threshold {fg_threshold}")
-    if crf:
-        if image is None:
-            raise ValueError("confident_labels(crf=True) needs the uint8 image")
-        fg = crf_labels(image, (cam >= fg_threshold).astype(np.uint8)) == 1
-        bg = crf_labels(image, (cam >= bg_threshold).astype(np.uint8)) == 0
-    else:
-        fg = cam >= fg_threshold
-        bg = cam < bg_threshold
-    out = np.full(cam.shape, IGNORE, dtype=np.uint8)
-    out[bg & ~fg] = 0
-    out[fg] = 1
-    return out
-
-
-def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest (cell-centre) downsampling of label maps (N, H, W) to (N, h, w), dtype kept."""
-    x = labels.unsqueeze(1).float()  # (N, 1, H, W)
-    out = F.interpolate(x, size=size, mode="nearest-exact")
-    return out.squeeze(1).to(labels.dtype)
-
-
-def affinity_labels(
-    labels: torch.Tensor, grid: PairGrid
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pair labels on a grid from node labels (0 bg, k >= 1 a class, 255 ignore).
-
-    Args:
-        labels: (N, h, w) integer node labels on the grid of ``grid``.
-        grid: the pair grid (``grid.height == h``, ``grid.width == w``).
-
-    Returns:
-        ``(pos_bg, pos_fg, neg)``: (N, E) bool masks; pairs with an ignored end are in none.
-    """
-    n, h, w = labels.shape
-    if (h, w) != (grid.height, grid.width):
-        raise ValueError(f"labels are {h}x{w} but the pair grid is {grid.height}x{grid.width}")
-    flat = labels.reshape(n, h * w).long()
-    grid = grid.to(labels.device)
-    a, b = flat[:, grid.src], flat[:, grid.dst]  # (N, E)
-    valid = (a != IGNORE) & (b != IGNORE)
-    same = valid & (a == b)
-    pos_bg = same & (a == 0)
-    pos_fg = same & (a != 0)
-    neg = valid & (a != b)
-    return pos_bg, pos_fg, neg
-
-
-def affinity_loss(
-    aff: torch.Tensor, pos_bg: torch.Tensor, pos_fg: torch.Tensor, neg: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """AffinityNet's loss: 1/4 pos_bg + 1/4 pos_fg + 1/2 neg (means over the batch's pairs).
-
-    Args:
-        aff: (N, E) affinities in (0, 1].
-        pos_bg: (N, E) bool, both ends background.
-        pos_fg: (N, E) bool, both ends the same foreground class.
-        neg: (N, E) bool, ends with different labels.
-
-    Returns:
-        The scalar loss and its parts (floats) for logging.
-    """
-    aff = aff.float()
-    pb, pf, ng = pos_bg.float(), pos_fg.float(), neg.float()
-    bg_loss = (-pb * torch.log(aff + LOG_EPS)).sum() / (pb.sum() + LOG_EPS)
-    fg_loss = (-pf * torch.log(aff + LOG_EPS)).sum() / (pf.sum() + LOG_EPS)
-    neg_loss = (-ng * torch.log(1.0 + LOG_EPS - aff)).sum() / (ng.sum() + LOG_EPS)
-    loss = bg_loss / 4 + fg_loss / 4 + neg_loss / 2
-    parts = {"bg": bg_loss.item(), "fg": fg_loss.item(), "neg": neg_loss.item()}
-    return loss, parts
-
-
-def pair_affinities(embedding: torch.Tensor, grid: PairGrid) -> torch.Tensor:
-    """``a_ij = exp(-mean_c |e_i - e_j|)`` for every pair of ``grid``.
-
-    Args:
-        embedding: (N, D, h, w) embeddings.
-        grid: the pair grid of the (h, w) embedding.
-
-    Returns:
-        (N, E) affinities in (0, 1].
-    """
-    n, d, h, w = embedding.shape
-    if (h, w) != (grid.height, grid.width):
-        raise ValueError(f"embedding is {h}x{w} but the pair grid is {grid.height}x{grid.width}")
-    grid = grid.to(embedding.device)
-    e = embedding.reshape(n, d, h * w)
-    diff = (e[:, :, grid.src] - e[:, :, grid.dst]).abs().mean(dim=1)  # (N, E)
-    return torch.exp(-diff)
-
-
-# ---- the network ---------------------------------------------------------------------------
-class AffinityNet(nn.Module):
-    """Three backbone stages -> 1x1 reductions (+ELU) -> concat -> 1x1 conv (+ELU) embedding.
-
-    Args:
-        backbone: timm ResNet name.
-        pretrained: False, True or a local weights file.
-        stages: which ResNet stages feed the embedding, 1-based (1 = layer1, stride 4; 2 =
-            layer2, stride 8; 3, 4 = layer3, layer4, stride 16 or 8); all are resized to the
-            stride-8 grid (average pooling down, bilinear up).
-        dims: output channels of the reductions, one per stage (psa: 64, 128, 256).
-        embed_dim: embedding channels (psa: 448).
-        output_stride: 16 (layer3/4 upsampled to stride 8) or 8 (dilated).
-    """
-
-    def __init__(
-        self,
-        backbone: str = "resnet50",
-        pretrained: bool | str = False,
-        stages: tuple[int, ...] = (2, 3, 4),
-        dims: tuple[int, ...] = (64, 128, 256),
-        embed_dim: int = 448,
-        output_stride: int = 16,
-    ) -> None:
-        super().__init__()
-        if len(stages) != len(dims) or not set(stages) <= {1, 2, 3, 4}:
-            raise ValueError(
-                f"AffinityNet: stages {stages} must be distinct values in 1..4, one per "
-                f"reduction width in dims {dims}"
-            )
-        self.stages = tuple(int(s) for s in stages)
-        self.backbone = create_backbone(
-            backbone, pretrained=pretrained, output_stride=output_stride
-        )
-        self.input_norm = self.backbone.input_norm  # input normalisation of the backbone's weights
-        channels = [self.backbone.channels[s - 1] for s in self.stages]
-        self.reduce = nn.ModuleList(
-            nn.Conv2d(c, d, 1, bias=False) for c, d in zip(channels, dims, strict=True)
-        )
-        self.embed = nn.Conv2d(sum(dims), embed_dim, 1, bias=False)
-        for conv in self.reduce:
-            nn.init.kaiming_normal_(conv.weight)
-        nn.init.xavier_uniform_(self.embed.weight, gain=4)
-        self.freeze_bn = bool(pretrained)
-
-    def new_parameters(self) -> list[nn.Parameter]:
-        """The layers added on top of the backbone (trained at 10x the learning rate)."""
-        return [*self.reduce.parameters(), *self.embed.parameters()]
-
-    def train(self, mode: bool = True) -> AffinityNet:
-        """Train mode; BatchNorm of a pretrained backbone stays frozen (as in psa)."""
-        super().train(mode)
-        if mode and self.freeze_bn:
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings (N, embed_dim, h, w) on the stride-8 grid of ``x`` (N, 3, H, W)."""
-        feats = self.backbone(x)  # layer1..layer4
-        size = feats[1].shape[-2:]  # layer2: stride 8
-        parts = []
-        for s, conv in zip(self.stages, self.reduce, strict=True):
-            y = F.elu(conv(feats[s - 1]))
-            if y.shape[-2] > size[0]:
-                y = F.adaptive_avg_pool2d(y, size)
-            elif y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            parts.append(y)
-        return F.elu(self.embed(torch.cat(parts, dim=1)))
-
-
-# ---- training helpers ----------------------------------------------------------------------
-def random_resized_crop(
-    x: torch.Tensor, labels: torch.Tensor, min_side: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop a random box (side fraction ``min_side``..1, same for the batch) and resize back.
-
-    Args:
-        x: (N, 3, H, W) images.
-        labels: (N, H, W) uint8 label maps at the image resolution.
-        min_side: smallest crop side as a fraction of the image side (1.0: no crop).
-        generator: seeds the box.
-
-    Returns:
-        The resized crops of ``x`` (bilinear) and of ``labels`` (nearest), same shapes.
-    """
-    if min_side >= 1.0:
-        return x, labels
-    h, w = x.shape[-2:]
-    s = min_side + (1.0 - min_side) * float(torch.rand(1, generator=generator))
-    ch, cw = max(1, round(h * s)), max(1, round(w * s))
-    y0 = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-    x0 = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-    xc = x[:, :, y0 : y0 + ch, x0 : x0 + cw]
-    lc = labels[:, y0 : y0 + ch, x0 : x0 + cw]
-    xc = F.interpolate(xc, size=(h, w), mode="bilinear", align_corners=False)
-    lc = F.interpolate(lc.unsqueeze(1).float(), size=(h, w), mode="nearest-exact")
-    return xc, lc.squeeze(1).to(labels.dtype)
-
-
-def poly_lr(base: float, step: int, max_step: int, power: float = 0.9) -> float:
-    """Polynomial decay ``base * (1 - step / max_step) ** power`` (psa's PolyOptimizer)."""
-    return base * (1.0 - min(step, max_step) / max(1, max_step)) ** power
+__all__ = [  # the AffinityNet pieces live in methods.common.affinity; re-exported here
+    "IGNORE",
+    "AffinityNet",
+    "CAMAffinityNet",
+    "Config",
+    "affinity_labels",
+    "affinity_loss",
+    "confident_labels",
+    "downsample_labels",
+    "pair_affinities",
+    "poly_lr",
+    "psa_confident_labels",
+    "random_resized_crop",
+]
 
 
 # ---- the method ----------------------------------------------------------------------------
@@ -347,6 +169,9 @@ class Config:
     fg_threshold: float = 0.30  # fg where M >= 0.30 (IRNet conf_fg_thres)
     bg_threshold: float = 0.05  # bg where M < 0.05 (IRNet conf_bg_thres)
     crf_confident: bool = True  # clean both regions with a dense CRF (psa and IRNet do)
+    seed_rule: str = "irnet"  # "irnet": the thresholds above; "psa": low / high alpha argmax
+    psa_low_alpha: float = 4.0  # seed_rule "psa": confident fg (psa infer_cls --low_alpha)
+    psa_high_alpha: float = 32.0  # seed_rule "psa": confident bg (psa infer_cls --high_alpha)
     # stage "affinity": AffinityNet
     aff_backbone: str = "resnet50"  # AffinityNet backbone (psa: ResNet-38; see deviations)
     aff_output_stride: int = 16  # 16: layer3/4 upsampled to stride 8; 8: dilated (4x cost)
@@ -377,6 +202,7 @@ class Config:
 
 OUTPUTS = ("max", "ratio")
 OPTIMIZERS = ("sgd", "adam")
+SEED_RULES = ("irnet", "psa")
 
 
 @register_method
@@ -384,6 +210,7 @@ class CAMAffinityNet(Method):
     """CAM seeds refined by a random walk on AffinityNet's learned semantic affinities."""
 
     name = "cam_affinitynet"
+    multilabel = True
     inference_fields = frozenset(
         {"beta", "walk_steps", "bg_alpha", "output", "walk_mode", "infer_batch_size"}
     )
@@ -442,6 +269,10 @@ class CAMAffinityNet(Method):
             raise ValueError(
                 f"cam_affinitynet: output must be one of {OUTPUTS}, got {cfg.output!r}"
             )
+        if cfg.seed_rule not in SEED_RULES:
+            raise ValueError(
+                f"cam_affinitynet: seed_rule must be one of {SEED_RULES}, got {cfg.seed_rule!r}"
+            )
         if cfg.aff_optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"cam_affinitynet: aff_optimizer must be one of {OPTIMIZERS}, "
@@ -449,7 +280,7 @@ class CAMAffinityNet(Method):
             )
         self.cam: Any = None
         self.aff: AffinityNet | None = None
-        #: CAMs (H, W) of the images whose seeds were computed in this process, by name: the
+        #: CAMs (C, H, W) of the images whose seeds were computed in this process, by name: the
         #: runner then asks ``localize`` for the same train images, from the same classifier
         self._seed_cams: dict[str, np.ndarray] = {}
 
@@ -504,25 +335,44 @@ class CAMAffinityNet(Method):
         self.aff = place(net, ctx).eval()
 
     def seed_labels(self, images: ImageSet, ctx: Context) -> np.ndarray:
-        """Confident labels (N, H, W) uint8 (1 fg, 0 bg, 255 ignore) from the fitted CAM."""
+        """Confident labels (N, H, W) uint8 from the fitted CAM: 0 bg, 1 + c class c, 255 ignore.
+
+        One class (binary data): 1 is the foreground. Multi-label data: only the image's tagged
+        classes can be labelled (their CAMs are the only non-zero ones).
+        """
         if self.cam is None:
             raise RuntimeError("cam_affinitynet.seed_labels called before fit()")
         cfg = self.config
         h, w = images.images.shape[1:3]
         out = np.empty((len(images), h, w), dtype=np.uint8)
+        tags = images.tags() if images.multilabel else None
         for start in range(0, len(images), cfg.infer_batch_size):
             part = images.subset(slice(start, start + cfg.infer_batch_size))
-            cams = self.cam.localize(part, ctx)[:, 0]  # (B, H, W)
+            cams = self.cam.localize(part, ctx)  # (B, 1 or C, H, W)
             self._seed_cams.update(zip(part.names, cams, strict=True))
             imgs = np.asarray(part.images) if cfg.crf_confident else None
             for i in range(len(part)):
-                out[start + i] = confident_labels(
-                    cams[i],
-                    cfg.fg_threshold,
-                    cfg.bg_threshold,
-                    image=None if imgs is None else imgs[i],
-                    crf=cfg.crf_confident,
-                )
+                image = None if imgs is None else imgs[i]
+                cam = cams[i] if tags is not None else cams[i, 0]  # (C, H, W) or (H, W)
+                classes = None if tags is None else np.flatnonzero(tags[start + i])
+                if cfg.seed_rule == "psa":
+                    out[start + i] = psa_confident_labels(
+                        cam,
+                        cfg.psa_low_alpha,
+                        cfg.psa_high_alpha,
+                        image=image,
+                        crf=cfg.crf_confident,
+                        classes=classes,
+                    )
+                else:
+                    out[start + i] = confident_labels(
+                        cam,
+                        cfg.fg_threshold,
+                        cfg.bg_threshold,
+                        image=image,
+                        crf=cfg.crf_confident,
+                        classes=classes,
+                    )
         return out
 
     def _train_affinity(self, train: ImageSet, ctx: Context) -> dict[str, torch.Tensor]:
@@ -530,7 +380,7 @@ class CAMAffinityNet(Method):
         labels = self.seed_labels(train, ctx)  # (N, H, W) uint8
         logger.info(
             "cam_affinitynet: seeds fg %.3f bg %.3f ignore %.3f of the train pixels",
-            float((labels == 1).mean()),
+            float(((labels != 0) & (labels != IGNORE)).mean()),
             float((labels == 0).mean()),
             float((labels == IGNORE).mean()),
         )
@@ -603,11 +453,14 @@ class CAMAffinityNet(Method):
 
     # ---- inference -----------------------------------------------------------------------
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """CAM of each image's label class, (N, 1, H, W) float32 in [0, 1] (the walk's seeds)."""
+        """CAM of each image's label class, (N, 1, H, W) float32 in [0, 1] (the walk's seeds).
+
+        Multi-label data: the CAMs of every class (N, C, H, W), untagged classes zero.
+        """
         if self.cam is None:
             raise RuntimeError("cam_affinitynet.localize called before fit()")
         if batch.names and all(n in self._seed_cams for n in batch.names):
-            return np.stack([self._seed_cams[n] for n in batch.names])[:, None]
+            return np.stack([self._seed_cams[n] for n in batch.names])  # (N, 1 or C, H, W)
         return self.cam.localize(batch, ctx)
 
     @torch.no_grad()
@@ -632,7 +485,11 @@ class CAMAffinityNet(Method):
 
     @torch.no_grad()
     def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
-        """Random walk of the CAMs (with a background channel) on AffinityNet's affinities."""
+        """Random walk of the CAMs (with a background channel) on AffinityNet's affinities.
+
+        Every channel walks; on multi-label data the output keeps one channel per class
+        (untagged classes zero) and the background channel is ``(1 - max_c M_c) ** alpha``.
+        """
         if self.aff is None:
             raise RuntimeError("cam_affinitynet.refine called before fit()")
         cfg = self.config
@@ -651,11 +508,19 @@ class CAMAffinityNet(Method):
             if m.shape[-2:] != (h, w):
                 m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
             m = m.clamp(0.0, 1.0)
-            out[sl] = self.walk(m, aff, grid).cpu().numpy()
+            res = self.walk(m, aff, grid)  # (B, C, H, W)
+            if part.multilabel:  # the walk keeps untagged (zero) channels at zero; say so
+                res = tagged_only(res, torch.from_numpy(part.tags()))
+            out[sl] = res.cpu().numpy()
         return out
 
     def walk(self, maps: torch.Tensor, aff: torch.Tensor, grid: PairGrid) -> torch.Tensor:
-        """Walk image-resolution maps (N, C, H, W) on a grid; returns (N, C, H, W) in [0, 1]."""
+        """Walk image-resolution maps (N, C, H, W) on a grid; returns (N, C, H, W) in [0, 1].
+
+        The stack walked is ``[(1 - max_c M_c) ** bg_alpha, M_1, ..., M_C]`` (psa's
+        ``infer_aff.py``); with ``output="ratio"`` the argmax over ``[0.5, M*_c / (M*_c +
+        M*_bg)]`` is psa's argmax over ``[M*_bg, M*_1, ..., M*_C]``.
+        """
         cfg = self.config
         size = maps.shape[-2:]
         bg = (1.0 - maps.amax(dim=1, keepdim=True)).pow(cfg.bg_alpha)  # (N, 1, H, W)

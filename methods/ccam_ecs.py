@@ -40,6 +40,24 @@ binarises the cue at ``crf_threshold`` and runs the dense CRF on the uint8 image
 parameters, ``unary_from_labels`` with gt_prob 0.7); the refined map is the CRF's foreground
 probability.
 
+Multi-label form (PASCAL VOC, ``synthetic_voc``). C2AM's VOC pipeline (CVI-SZU/CCAM ``WSSS/``)
+binarises the class-agnostic map at 0.3, cleans it with a dense CRF (``inference_crf.py``) and
+uses it as the background cue of class CAMs from a separate classifier: the channel ``1 - cue``
+is stacked before the tagged classes' CAMs and the argmax taken
+(``evaluate_using_background_cues.py --with_bg_cues``), or the cue replaces IRNet's
+background threshold. Here: the classifier (always built on multi-label data) is trained with
+the multi-label soft margin loss, and the class maps are
+
+    map_c = fg * M_c / max_c' M_c'       (tagged classes c, c'; untagged classes zero)
+
+with ``fg`` the oriented CCAM map and ``M_c`` the classifier's normalised CAMs, both through the
+same TTA. The harness's argmax over ``[t, map_1..map_C]`` is then C2AM's rule: background
+where ``fg <= t`` (``t`` chosen on validation instead of the fixed 0.3), else the tagged class
+with the largest CAM. ECS extends as ECS-Net's own multi-class form: erase where the max over
+the tagged classes' CAMs exceeds 0.6, target ``T = max_c max(M_c, M'_c)`` over the tagged
+classes (a class-agnostic target for the class-agnostic map). ``crf=True`` runs the CRF on
+``fg = max_c map_c``; each class keeps its share.
+
 Defaults (``paper``): ResNet-50 ImageNet, batch 32, 20 epochs, SGD lr 1e-3 (new layers 10x),
 momentum 0.9, weight decay 1e-4, poly decay (power 0.9), alpha 0.25, flip augmentation, TTA
 scales {0.5, 1, 1.5, 2} x flip.
@@ -73,6 +91,10 @@ Deviations from the original:
       learnt a usable map on the synthetic data in 8-20 epochs (pet IoU 0.22-0.245, the level
       of all-foreground): the contrastive loss has little to contrast without pretrained
       features. ``tiny`` keeps a random-init ResNet-18 for speed.
+    - Multi-label: the class CAMs come from the ECS classifier on this network's layer4,
+      not from a separately trained CAM network (C2AM uses PuzzleCAM / IRNet CAMs), and the
+      fg / bg decision is a threshold on the soft map chosen on validation, not a fixed 0.3
+      + dCRF binary cue (the CRF is the ``crf=True`` variant).
     - dCRF: the Pet repo binarises the cue at 0.3 (its background score) before
       ``unary_from_labels``; ``crf_threshold`` defaults to that value. The published Pet
       figures (68.2 IoU, 76.0 with dCRF) are per-image means with the border counted as pet.
@@ -81,7 +103,6 @@ Deviations from the original:
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,10 +110,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from methods.base import Context, ImageSet, Method, register_method
-from methods.common.cam import cam_from_features, normalize_cams, tta_maps
+from methods.common.cam import class_cams, multilabel_loss, tta_maps
+from methods.common.ccam import (
+    SIM_MAX,
+    SIM_MIN,
+    blur_images,
+    border_mean,
+    ccam_loss,
+    class_cam,
+    cosine_similarity_matrix,
+    ecs_erase,
+    fg_times_class_share,
+    is_inverted,
+    negative_loss,
+    orient,
+    pool_fg_bg,
+    positive_loss,
+    rank_weights,
+    ring_width,
+)
 from methods.common.crf import dense_crf_many
 from methods.common.data import (
     apply_hflip,
@@ -107,176 +145,29 @@ from methods.common.data import (
 
 logger = logging.getLogger(__name__)
 
-SIM_MIN = 5e-4  # cosine similarity clamp, as in the official code
-SIM_MAX = 1.0 - 5e-4
-
-
-# ---- losses ------------------------------------------------------------------------------------
-def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity ``s_ij = cos(a_i, b_j)`` clamped to [5e-4, 1 - 5e-4].
-
-    Args:
-        a: (N, C) embeddings.
-        b: (M, C) embeddings.
-
-    Returns:
-        (N, M) clamped similarities.
-    """
-    sim = F.normalize(a, dim=1) @ F.normalize(b, dim=1).T  # (N, M)
-    return sim.clamp(SIM_MIN, SIM_MAX)
-
-
-def rank_weights(sim: torch.Tensor, alpha: float, first_rank: int = 1) -> torch.Tensor:
-    """Rank weights ``w_ij = exp(-alpha (rank_ij - 1))``, ranks descending within each row.
-
-    Args:
-        sim: (N, M) similarities.
-        alpha: decay of the weight with the rank.
-        first_rank: the rank of a row's most similar entry: 1 (the paper's formula) or 0
-            (the official code, whose top pair then weighs ``exp(alpha)``).
-
-    Returns:
-        (N, M) float weights (no gradient).
-    """
-    order = torch.argsort(sim.detach(), dim=1, descending=True, stable=True)  # (N, M)
-    rank = torch.argsort(order, dim=1, stable=True) + first_rank  # (N, M)
-    return torch.exp(-alpha * (rank.to(sim.dtype) - 1.0))
-
-
-def positive_loss(v: torch.Tensor, alpha: float, first_rank: int = 1) -> torch.Tensor:
-    """Rank-weighted pull of same-side embeddings: mean of ``w_ij * -log s_ij`` (all i, j)."""
-    sim = cosine_similarity_matrix(v, v)  # (N, N)
-    return (rank_weights(sim, alpha, first_rank) * -torch.log(sim)).mean()
-
-
-def negative_loss(v_bg: torch.Tensor, v_fg: torch.Tensor) -> torch.Tensor:
-    """Push of background from foreground: mean over all i, j of ``-log(1 - s(bg_i, fg_j))``."""
-    return -torch.log(1.0 - cosine_similarity_matrix(v_bg, v_fg)).mean()
-
-
-def ccam_loss(
-    v_fg: torch.Tensor, v_bg: torch.Tensor, alpha: float = 0.25, first_rank: int = 1
-) -> dict[str, torch.Tensor]:
-    """The CCAM contrastive loss ``L_pos^fg + L_neg + L_pos^bg`` over a batch.
-
-    Args:
-        v_fg: (N, C) foreground embeddings.
-        v_bg: (N, C) background embeddings.
-        alpha: rank-weight decay (0.25 official, 0.8 in the Pet repo).
-        first_rank: see :func:`rank_weights`.
-
-    Returns:
-        ``{"total", "pos_fg", "neg", "pos_bg"}`` scalar tensors.
-    """
-    if v_fg.shape != v_bg.shape or v_fg.ndim != 2:
-        raise ValueError(f"ccam_loss: expected two (N, C) tensors, got {v_fg.shape}, {v_bg.shape}")
-    pos_fg = positive_loss(v_fg, alpha, first_rank)
-    pos_bg = positive_loss(v_bg, alpha, first_rank)
-    neg = negative_loss(v_bg, v_fg)
-    return {"total": pos_fg + neg + pos_bg, "pos_fg": pos_fg, "neg": neg, "pos_bg": pos_bg}
-
-
-def pool_fg_bg(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool features under the map and its complement, both divided by ``h * w``.
-
-    Args:
-        z: (N, K, h, w) features.
-        p: (N, 1, h, w) foreground probability.
-
-    Returns:
-        ``(v_fg, v_bg)``, each (N, K).
-    """
-    hw = z.shape[-2] * z.shape[-1]
-    p = p.to(z.dtype)
-    v_fg = torch.einsum("nkhw,nhw->nk", z, p[:, 0]) / hw  # (N, K)
-    v_bg = torch.einsum("nkhw,nhw->nk", z, 1.0 - p[:, 0]) / hw  # (N, K)
-    return v_fg, v_bg
-
-
-# ---- polarity ----------------------------------------------------------------------------------
-def ring_width(h: int, w: int) -> int:
-    """Border ring width in cells: 1 on small maps, 4 on the official 28 x 28 maps."""
-    return max(1, min(h, w) // 7)
-
-
-def border_mean(p: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """Mean of each map on its border ring.
-
-    Args:
-        p: (N, 1, h, w) maps.
-        width: ring width in cells; ``None`` uses :func:`ring_width`.
-
-    Returns:
-        (N,) per-image border means.
-    """
-    h, w = p.shape[-2:]
-    width = ring_width(h, w) if width is None else width
-    ring = torch.ones(h, w, dtype=torch.bool, device=p.device)
-    if h > 2 * width and w > 2 * width:
-        ring[width : h - width, width : w - width] = False
-    return p[:, 0][:, ring].float().mean(dim=1)  # (N,)
-
-
-def is_inverted(p: torch.Tensor, width: int | None = None) -> bool:
-    """Polarity vote: True when the border ring, averaged over images, is above 0.5.
-
-    Objects rarely fill the border, so a map that is bright there marks the background.
-    """
-    return bool(border_mean(p, width).mean() > 0.5)
-
-
-def orient(p: torch.Tensor, inverted: bool | torch.Tensor) -> torch.Tensor:
-    """Return ``1 - p`` for an inverted head, ``p`` otherwise."""
-    return 1.0 - p if bool(inverted) else p
-
-
-# ---- ECS ---------------------------------------------------------------------------------------
-def blur_images(x: torch.Tensor, sigma_frac: float) -> torch.Tensor:
-    """A strong Gaussian blur of (N, 3, H, W) images; sigma = ``sigma_frac`` x min(H, W).
-
-    Separable (one pass along x, one along y), so a wide kernel stays cheap; the kernel covers
-    +-3 sigma, capped so that its reflect padding stays smaller than the image.
-    """
-    side = min(x.shape[-2:])
-    sigma = max(sigma_frac * side, 0.5)
-    k = min(2 * math.ceil(3.0 * sigma) + 1, 2 * side - 1)  # odd
-    x = gaussian_blur(x, kernel_size=[k, 1], sigma=[sigma, sigma])  # along W
-    return gaussian_blur(x, kernel_size=[1, k], sigma=[sigma, sigma])  # along H
-
-
-def ecs_erase(
-    images: torch.Tensor, cam: torch.Tensor, threshold: float = 0.6, sigma_frac: float = 0.08
-) -> torch.Tensor:
-    """Replace the pixels where the CAM exceeds ``threshold`` by a blurred copy of the image.
-
-    Args:
-        images: (N, 3, H, W) images (any normalisation; the blur is linear).
-        cam: (N, 1, h, w) class CAM in [0, 1]; upsampled bilinearly to (H, W) if needed.
-        threshold: erase where ``cam > threshold`` (0.6 in ECS).
-        sigma_frac: blur sigma as a fraction of the image side.
-
-    Returns:
-        (N, 3, H, W) erased images; pixels with ``cam <= threshold`` are unchanged bit for bit.
-    """
-    if cam.shape[-2:] != images.shape[-2:]:
-        size = images.shape[-2:]
-        cam = F.interpolate(cam.float(), size=size, mode="bilinear", align_corners=False)
-    mask = cam > threshold  # (N, 1, H, W)
-    return torch.where(mask, blur_images(images, sigma_frac), images)
-
-
-def class_cam(feat: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Normalised CAM of each image's label class: ReLU(sum_k W[y, k] f_k) / (max + 1e-5).
-
-    Args:
-        feat: (N, K, h, w) features.
-        weight: (C, K) classifier weight.
-        labels: (N,) class indices.
-
-    Returns:
-        (N, 1, h, w) float32 maps in [0, 1).
-    """
-    return normalize_cams(cam_from_features(feat.float(), weight.float(), labels))
+__all__ = [  # the loss, polarity and ECS pieces live in methods.common.ccam; re-exported here
+    "SIM_MAX",
+    "SIM_MIN",
+    "CCAMECS",
+    "CCAMNet",
+    "Config",
+    "blur_images",
+    "border_mean",
+    "build_optimizer",
+    "ccam_loss",
+    "class_cam",
+    "cosine_similarity_matrix",
+    "crf_refine",
+    "ecs_erase",
+    "fg_times_class_share",
+    "is_inverted",
+    "negative_loss",
+    "orient",
+    "pool_fg_bg",
+    "positive_loss",
+    "rank_weights",
+    "ring_width",
+]
 
 
 # ---- network -----------------------------------------------------------------------------------
@@ -416,6 +307,7 @@ class CCAMECS(Method):
     """CCAM (contrastive class-agnostic map) with optional Erased CAM Supervision."""
 
     name = "ccam_ecs"
+    multilabel = True
     inference_fields = frozenset({"crf", "crf_threshold", "infer_batch_size"})
     Config = Config
     presets = {
@@ -450,13 +342,16 @@ class CCAMECS(Method):
         self.inverted: bool = False
 
     # ---- building -----------------------------------------------------------------------
-    def _build(self, num_classes: int, ctx: Context, pretrained: bool | str) -> CCAMNet:
+    def _build(
+        self, num_classes: int, ctx: Context, pretrained: bool | str, multilabel: bool = False
+    ) -> CCAMNet:
         from methods.common.backbones import create_backbone
 
         cfg = self.config
         with seeded(ctx.seed):
             backbone = create_backbone(cfg.backbone, pretrained=pretrained, output_stride=16)
-            model = CCAMNet(backbone, num_classes if cfg.ecs else 0)
+            # multi-label data needs the classifier for its class CAMs, with or without ECS
+            model = CCAMNet(backbone, num_classes if cfg.ecs or multilabel else 0)
         return place(model, ctx)
 
     # ---- training -----------------------------------------------------------------------
@@ -469,12 +364,13 @@ class CCAMECS(Method):
         cfg = self.config
 
         def compute() -> dict[str, torch.Tensor]:
-            return self._train(self._build(train.num_classes, ctx, cfg.pretrained), train, ctx)
+            model = self._build(train.num_classes, ctx, cfg.pretrained, train.multilabel)
+            return self._train(model, train, ctx)
 
         state = dict(ctx.stage("ccam", compute))
         inverted = state.pop("polarity_inverted")
         # the stage holds every weight: rebuild without downloading pretrained ones
-        model = self._build(train.num_classes, ctx, pretrained=False)
+        model = self._build(train.num_classes, ctx, pretrained=False, multilabel=train.multilabel)
         model.load_state_dict(state)
         model.eval()
         self.model, self.inverted = model, bool(inverted.item())
@@ -549,11 +445,14 @@ class CCAMECS(Method):
         v_fg, v_bg = pool_fg_bg(z, p)
         losses = ccam_loss(v_fg, v_bg, cfg.alpha, first_rank=0 if cfg.faithful else 1)
         total = losses["total"]
-        if cfg.ecs:
-            ce = F.cross_entropy(out["logits"].float(), y)
+        if model.classifier is not None:  # ECS, or the class CAMs of multi-label data
+            if y.dim() == 2:  # (B, C) tags: the multi-label soft margin
+                ce = multilabel_loss(out["logits"], y)
+            else:
+                ce = F.cross_entropy(out["logits"].float(), y)
             total = total + ce
             losses["ce"] = ce
-            if inverted is not None:
+            if cfg.ecs and inverted is not None:
                 target = self._ecs_target(model, x, out["f4"].detach(), y, ctx)  # (B, 1, h, w)
                 mse = F.mse_loss(orient(p, inverted), target)
                 total = total + mse
@@ -594,7 +493,12 @@ class CCAMECS(Method):
 
     # ---- inference ----------------------------------------------------------------------
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """Class-agnostic maps (N, 1, H, W) float32 in [0, 1] at the batch resolution."""
+        """Class-agnostic maps (N, 1, H, W) float32 in [0, 1] at the batch resolution.
+
+        Multi-label data: class maps (N, C, H, W), ``fg * M_c / max_c' M_c'`` over the tagged
+        classes (:func:`~methods.common.ccam.fg_times_class_share`), zero for the others; the
+        foreground and the class CAMs go through the same test-time augmentation.
+        """
         if self.model is None:
             raise RuntimeError("ccam_ecs: localize() called before fit()")
         cfg = self.config
@@ -603,16 +507,25 @@ class CCAMECS(Method):
         flip = cfg.tta_flip if cfg.tta else False
         h, w = batch.images.shape[1:3]
 
+        multilabel = batch.multilabel
+
         def fn(x: torch.Tensor) -> torch.Tensor:
             with autocast(ctx.device, ctx.amp):
-                p = model(x)["p"].float()
-            return orient(p, self.inverted)  # (B, 1, h', w'); tta_maps resizes to (H, W)
+                out = model(x)
+            p = orient(out["p"].float(), self.inverted)  # (B, 1, h', w'); tta_maps resizes
+            if not multilabel:
+                return p
+            cams = class_cams(out["f4"].float(), model.classifier.weight.float())  # (B, C, ..)
+            return torch.cat([p, cams], dim=1)  # (B, 1 + C, h', w')
 
-        out = np.empty((len(batch), 1, h, w), dtype=np.float32)
+        out = np.empty((len(batch), batch.num_classes if multilabel else 1, h, w), np.float32)
+        tags = torch.from_numpy(batch.tags()) if multilabel else None
         with torch.no_grad():
             for idx in minibatches(len(batch), cfg.infer_batch_size, shuffle=False):
                 x = to_tensor(batch.images[idx], ctx.device, model.input_norm)  # (B, 3, H, W)
-                maps = tta_maps(fn, x, scales=scales, flip=flip)  # (B, 1, H, W)
+                maps = tta_maps(fn, x, scales=scales, flip=flip)  # (B, 1 or 1 + C, H, W)
+                if tags is not None:
+                    maps = fg_times_class_share(maps[:, :1], maps[:, 1:], tags[idx])
                 out[idx] = maps.float().clamp(0.0, 1.0).cpu().numpy()
         return out
 
@@ -623,11 +536,21 @@ class CCAMECS(Method):
         probability 0.7 (exactly ``unary_from_labels(gt_prob=0.7)`` for two labels, written
         as soft probabilities so the CRF's marginals can be read back). The refined map is
         the CRF's foreground probability, float32 in [0, 1].
+
+        Multi-label data: the foreground ``max_c M_c`` goes through the CRF (as C2AM's
+        ``inference_crf.py`` cleans the binarised CCAM cue), each class keeps its share.
         """
         cfg = self.config
         if not cfg.crf:
             return maps
-        return crf_refine(batch.images, maps, cfg.crf_threshold, gt_prob=0.7)
+        if not batch.multilabel:
+            return crf_refine(batch.images, maps, cfg.crf_threshold, gt_prob=0.7)
+        maps = np.asarray(maps, dtype=np.float32)
+        fg = maps.max(axis=1, keepdims=True)  # (N, 1, H, W)
+        tagged = (batch.tags() > 0)[:, :, None, None]
+        share = np.where(fg > 0, maps / np.maximum(fg, 1e-12), tagged)  # (N, C, H, W)
+        fg_crf = crf_refine(batch.images, fg, cfg.crf_threshold, gt_prob=0.7)
+        return (fg_crf * share * tagged).astype(np.float32)
 
 
 def crf_refine(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.base import Context, create_method
+from methods.base import Context, ImageSet, create_method
 from methods.cam_affinitynet import (
     IGNORE,
     affinity_labels,
@@ -14,6 +14,7 @@ from methods.cam_affinitynet import (
     confident_labels,
     downsample_labels,
     pair_affinities,
+    psa_confident_labels,
     random_resized_crop,
 )
 from methods.common.random_walk import pair_grid
@@ -244,3 +245,74 @@ def test_bad_config_values_are_named():
         create_method("cam_affinitynet[aff_optimizer=rmsprop]", preset="tiny")
     with pytest.raises(RuntimeError, match="before fit"):
         create_method("cam_affinitynet", preset="tiny").localize(None, Context())
+
+
+# ---- the multi-label form (issue 17) ------------------------------------------------------------
+def test_multiclass_confident_labels_take_the_argmax_class_of_the_tagged_ones():
+    cams = np.zeros((3, 2, 3), dtype=np.float32)
+    cams[0] = [[0.9, 0.2, 0.01], [0.0, 0.6, 0.02]]
+    cams[1] = [[0.4, 0.1, 0.03], [0.0, 0.7, 0.04]]
+    cams[2] = 0.95  # an untagged class: never a label, even where its map is the largest
+    got = confident_labels(cams, fg_threshold=0.30, bg_threshold=0.05, classes=[0, 1])
+    expected = np.array([[1, IGNORE, 0], [0, 2, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    # one class given as (1, H, W) is exactly the binary rule on (H, W)
+    np.testing.assert_array_equal(
+        confident_labels(cams[:1], 0.30, 0.05), confident_labels(cams[0], 0.30, 0.05)
+    )
+    image = np.zeros((2, 3, 3), dtype=np.uint8)
+    crf = confident_labels(cams, 0.30, 0.05, image=image, crf=True, classes=[0, 1])
+    assert set(np.unique(crf)) <= {0, 1, 2, IGNORE}
+
+
+def test_psa_seeds_from_low_and_high_alpha_backgrounds():
+    # max CAM m: fg (class) where m > (1 - m) ** 4; bg where (1 - m) ** 32 >= m; else ignore
+    m = np.array([[0.9, 0.3, 0.2], [0.1, 0.01, 0.0]], dtype=np.float32)
+    cams = np.stack([m, m * 0.5])  # class 0 always wins
+    got = psa_confident_labels(cams, low_alpha=4, high_alpha=32)
+    expected = np.array([[1, 1, IGNORE], [IGNORE, 0, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    swapped = psa_confident_labels(cams[::-1].copy(), 4, 32, classes=[1])
+    np.testing.assert_array_equal(swapped, np.where(expected == 1, 2, expected))
+    with pytest.raises(ValueError, match="low_alpha"):
+        psa_confident_labels(cams, low_alpha=32, high_alpha=4)
+
+
+def test_walk_background_channel_is_one_minus_max_class_power_alpha():
+    """No affinities (T = I): the ratio output is M_c / (M_c + (1 - max_c M_c) ** alpha)."""
+    method = create_method("cam_affinitynet[output=ratio]", preset="tiny")
+    rng = np.random.default_rng(1)
+    maps = torch.from_numpy(rng.uniform(0, 1, size=(2, 3, 4, 4)).astype(np.float32))
+    maps[:, 2] = 0.0  # an untagged class
+    grid = pair_grid(4, 4, method.config.radius)
+    aff = torch.zeros(2, grid.num_pairs)
+    got = method.walk(maps, aff, grid)
+    bg = (1 - maps.amax(dim=1, keepdim=True)) ** method.config.bg_alpha
+    expected = maps / (maps + bg + 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert torch.all(got[:, 2] == 0)
+
+
+def test_multilabel_fit_seeds_and_walk_only_tagged_classes():
+    rng = np.random.default_rng(0)
+    n, c, s = 8, 4, 32
+    tags = np.zeros((n, c), dtype=np.uint8)
+    for i in range(n):
+        tags[i, rng.choice(c, size=1 + i % 2, replace=False)] = 1
+    data = ImageSet(
+        images=rng.integers(0, 255, size=(n, s, s, 3), dtype=np.uint8),
+        labels=tags,
+        num_classes=c,
+        names=[f"im{i}" for i in range(n)],
+    )
+    method = create_method("cam_affinitynet[seed_rule=psa]", preset="tiny")
+    ctx = Context(max_epochs=1)
+    method.fit(data, ctx)
+    seeds = method.seed_labels(data, ctx)
+    for i in range(n):
+        allowed = {0, IGNORE, *(np.flatnonzero(tags[i]) + 1)}
+        assert set(np.unique(seeds[i])) <= allowed
+    maps = method.refine(data, method.localize(data, ctx), ctx)
+    assert maps.shape == (n, c, s, s)
+    untagged = np.broadcast_to(tags[:, :, None, None] == 0, maps.shape)
+    assert np.all(maps[untagged] == 0) and np.all((maps >= 0) & (maps <= 1))

@@ -16,8 +16,10 @@ from methods.ccam_ecs import (
     border_mean,
     build_optimizer,
     ccam_loss,
+    class_cam,
     crf_refine,
     ecs_erase,
+    fg_times_class_share,
     is_inverted,
     negative_loss,
     orient,
@@ -282,3 +284,57 @@ def test_bad_config_values_are_clear_errors():
         create_method("ccam_ecs[ecs_threshold=1.5]", "tiny")
     with pytest.raises(ValueError, match="batch_size"):
         create_method("ccam_ecs[batch_size=1]", "tiny")
+
+
+# ---- the multi-label form (issue 17) ------------------------------------------------------------
+def test_class_maps_are_fg_times_the_class_share_of_the_tagged_cams():
+    fg = torch.tensor([[[[0.8, 0.3], [0.6, 0.0]]]])  # (1, 1, 2, 2)
+    cams = torch.tensor(
+        [[[[0.9, 0.2], [0.0, 0.5]], [[0.45, 0.4], [0.0, 0.1]], [[1.0, 1.0], [1.0, 1.0]]]]
+    )  # (1, 3, 2, 2); class 2 has the largest CAM everywhere but is not tagged
+    tags = torch.tensor([[1.0, 1.0, 0.0]])
+    maps = fg_times_class_share(fg, cams, tags)
+    assert torch.all(maps[:, 2] == 0)  # untagged: never a score, never the argmax
+    torch.testing.assert_close(maps.amax(dim=1, keepdim=True), fg, atol=1e-4, rtol=0)
+    # the winner is the tagged class with the largest CAM; fg decides against background
+    assert maps[0, :, 0, 0].argmax() == 0 and maps[0, :, 0, 1].argmax() == 1
+    torch.testing.assert_close(maps[0, 1, 0, 0], torch.tensor(0.8 * 0.5), atol=1e-4, rtol=0)
+    # every tagged CAM zero: both tagged classes share the fg score equally
+    torch.testing.assert_close(maps[0, :2, 1, 0], torch.tensor([0.6, 0.6]))
+
+
+def test_ecs_class_cam_with_tags_is_the_max_over_the_tagged_classes():
+    torch.manual_seed(0)
+    feat, weight = torch.randn(2, 8, 4, 4), torch.randn(3, 8)
+    tags = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    got = class_cam(feat, weight, tags)  # (2, 1, 4, 4)
+    per_class = torch.cat([class_cam(feat, weight, torch.full((2,), k)) for k in range(3)], 1)
+    expected = (per_class * tags[:, :, None, None]).amax(dim=1, keepdim=True)
+    torch.testing.assert_close(got, expected)
+
+
+def test_multilabel_maps_share_the_class_agnostic_foreground():
+    rng = np.random.default_rng(0)
+    n, c, s = 8, 3, 32
+    tags = np.zeros((n, c), dtype=np.uint8)
+    for i in range(n):
+        tags[i, rng.choice(c, size=1 + i % 2, replace=False)] = 1
+    data = ImageSet(
+        images=rng.integers(0, 255, size=(n, s, s, 3), dtype=np.uint8),
+        labels=tags,
+        num_classes=c,
+        names=[f"im{i}" for i in range(n)],
+    )
+    method = create_method("ccam_ecs[ecs=false]", preset="tiny")
+    ctx = Context(max_epochs=1)
+    method.fit(data, ctx)
+    assert method.model.classifier is not None  # the class CAMs need it, ECS or not
+    maps = method.localize(data, ctx)
+    assert maps.shape == (n, c, s, s)
+    single = ImageSet(data.images, np.argmax(tags, 1), c, data.names)  # same net, binary path
+    fg = method.localize(single, ctx)  # (N, 1, H, W): the class-agnostic map
+    np.testing.assert_allclose(maps.max(axis=1, keepdims=True), fg, atol=1e-4)
+    method.config = replace(method.config, crf=True)
+    refined = method.refine(data, maps, ctx)
+    untagged = np.broadcast_to(tags[:, :, None, None] == 0, refined.shape)
+    assert np.all(refined[untagged] == 0) and np.all((refined >= 0) & (refined <= 1))

@@ -22,7 +22,7 @@ from benchmark.store import read_results
 from methods.base import Context, ImageSet, create_method, get_method, list_methods
 from reports.multiclass import multiclass_text, per_class_table
 
-METHODS = ["cam", "all_foreground", "centre_prior", "supervised", "ccam_ecs"]
+METHODS = ["cam", "all_foreground", "centre_prior", "supervised", "box_prior"]
 
 
 def _cfg(out: Path, methods_: list[str], **kw) -> RunConfig:
@@ -52,7 +52,7 @@ def test_rows_are_multiclass_and_complete(voc_run):
     bundle = prepare_data(cfg)
     assert bundle.multiclass and len(bundle.class_names) == bundle.dataset.num_classes
     status = rows.groupby("method_id")["status"].agg(set)
-    assert status["ccam_ecs"] == {"unsupported"}  # no multi-label form yet: said, not failed
+    assert status["box_prior"] == {"unsupported"}  # no multi-label form yet: said, not failed
     for m in ("cam", "all_foreground", "centre_prior", "supervised"):
         assert status[m] == {"done"}, rows[rows["method_id"] == m]["reason"].tolist()
     quality = rows[rows["aggregation"] == "dataset"]
@@ -116,7 +116,7 @@ def test_report_tables(voc_run):
     out, _, _ = voc_run
     rows = read_results(out)
     text = multiclass_text(rows)
-    assert "mIoU" in text and "Not run on this multi-class dataset" in text and "ccam_ecs" in text
+    assert "mIoU" in text and "Not run on this multi-class dataset" in text and "box_prior" in text
     table = per_class_table(rows)
     assert {"cam", "supervised"} <= set(table.index) and "background" in table.columns
 
