@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, launch: bool = False) -> None:
     # every default is None so that YAML values are only overridden by what the user typed
     p.add_argument("--config", help="a run YAML whose keys are these option names")
     p.add_argument(
@@ -77,6 +77,38 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-report", dest="report", action="store_false", default=None, help="skip the report"
     )
+    if launch:
+        _add_launch_options(p)
+
+
+#: ``run`` options that say how a run is launched: never part of the RunConfig (nor its key).
+LAUNCH_OPTIONS = (
+    "launcher", "slurm_partition", "timeout_min", "gpus_per_job", "cpus_per_job", "mem_gb",
+    "slurm_account", "sbatch_extra", "wait",
+)  # fmt: skip
+
+
+def _add_launch_options(p: argparse.ArgumentParser) -> None:
+    """``run --launcher none|local|slurm`` and the job options (see benchmark.launch)."""
+    p.add_argument(
+        "--launcher", choices=["none", "local", "slurm"],
+        help="none (default): runs here, one after another; local / slurm: one submitit job "
+        "per method and seed (local: on this machine; slurm: sbatch; --out on a shared disk)",
+    )  # fmt: skip
+    p.add_argument("--slurm-partition", help="Slurm partition of the jobs")
+    p.add_argument("--slurm-account", help="Slurm account charged for the jobs")
+    p.add_argument("--timeout-min", type=int, help="job time limit, minutes (default 120)")
+    p.add_argument("--gpus-per-job", type=int, help="GPUs per job")
+    p.add_argument("--cpus-per-job", type=int, help="CPUs per job")
+    p.add_argument("--mem-gb", type=float, help="memory per job, GB")
+    p.add_argument(
+        "--sbatch-extra", action="append", metavar="KEY=VALUE",
+        help="extra sbatch flag (repeatable), e.g. qos=high, constraint=a100, requeue",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-wait", dest="wait", action="store_false", default=None,
+        help="return once the jobs are submitted (build the report later: `report --out OUT`)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p_run = sub.add_parser("run", help="run methods and references, store rows, write a report")
-    _add_run_options(p_run)
+    _add_run_options(p_run, launch=True)
 
     p_list = sub.add_parser("list", help="list registered methods, datasets or presets")
     p_list.add_argument("what", choices=["methods", "datasets", "conventions", "splits"])
@@ -226,15 +258,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cli = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "config", "verbose") and v is not None
+        if k not in ("command", "config", "verbose", *LAUNCH_OPTIONS) and v is not None
     }
+    options = _launch_options(args)
     yaml_values = load_yaml(args.config) if args.config else {}
     cfg = build_config(yaml_values, cli)
     if not runner.check_methods(cfg.methods, cfg.preset):  # fail fast on bad specs (exit 2)
         raise ConfigError(f"--methods: {show(cfg.methods)} names no method")
-    runner.resolve_device(cfg.device)
+    if options.launcher != "slurm":  # a Slurm job checks its own device (a GPU node's)
+        runner.resolve_device(cfg.device)
     check_out_dir(cfg.out)
-    rows = runner.run(cfg)
+    if options.launcher == "none":
+        rows = runner.run(cfg)
+    else:
+        from benchmark.launch import launch_run, report_command
+
+        launch = launch_run(cfg, options)
+        print(f"{options.launcher} jobs: {' '.join(launch.job_ids)} (logs: {launch.folder})")
+        if not options.wait:
+            print(f"report once they end: {report_command(cfg)}")
+            return 0
+        if launch.failed:
+            print(f"failed jobs: {' '.join(launch.failed)} (error rows stored; see their logs)")
+        rows = launch.rows
     from reports import main_table_text, write_report
 
     print(main_table_text(rows, cfg.convention))
@@ -242,6 +288,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         path = write_report(Path(cfg.out))
         print(f"\nreport: {path}")
     return 0
+
+
+def _launch_options(args: argparse.Namespace) -> Any:
+    """The validated :class:`benchmark.launch.LaunchOptions` of ``run`` (ConfigError if bad)."""
+    from benchmark.launch import LaunchOptions, parse_sbatch_extra
+
+    return LaunchOptions(
+        launcher=args.launcher or "none",
+        partition=args.slurm_partition,
+        timeout_min=args.timeout_min,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        mem_gb=args.mem_gb,
+        account=args.slurm_account,
+        sbatch_extra=parse_sbatch_extra(args.sbatch_extra),
+        wait=args.wait is not False,
+    ).validate()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

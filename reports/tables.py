@@ -225,7 +225,8 @@ def failed_runs(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty or "status" not in rows:
         return pd.DataFrame()
     bad = rows[rows["status"].isin(FAILED_STATUS)]
-    cols = [c for c in ("method_id", "seed", "status", "reason", "traceback") if c in bad]
+    names = ("method_id", "seed", "status", "reason", "traceback", "job_id", "job_log")
+    cols = [c for c in names if c in bad]  # job_id / job_log: runs launched as jobs
     return bad[cols].drop_duplicates().reset_index(drop=True)
 
 
