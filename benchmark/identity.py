@@ -91,11 +91,11 @@ def code_version(method_cls: type[Method]) -> str:
     """Hash of the source that determines a method's outputs, plus :data:`STAGE_FORMAT`.
 
     Covered: the method's module and every ``methods.*`` module it imports (``cam_affinitynet``
-    builds on ``cam``), ``methods/common``, ``methods/base.py`` and ``methods/specs.py``. Not covered, on
-    purpose: the runner, the evaluator, reports and the dataset loaders, so that editing them
-    does not throw away hours of cached training. The data a method sees is keyed separately
-    (dataset fingerprint, split hash, image size); a runner change that alters what a stage
-    stores must bump :data:`STAGE_FORMAT`.
+    builds on ``cam``), ``methods/common``, ``methods/base.py`` and ``methods/specs.py``. Not
+    covered, on purpose: the runner, the evaluator, reports and the dataset loaders, so that
+    editing them does not throw away hours of cached training. The data a method sees is keyed
+    separately (dataset fingerprint, split hash, image size); a runner change that alters what a
+    stage stores must bump :data:`STAGE_FORMAT`.
 
     Computed once per process (cached): the hash describes the code this process imported, so
     editing ``methods/`` while a long run goes on does not give its later runs keys of code
