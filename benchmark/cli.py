@@ -62,6 +62,10 @@ def _add_run_options(p: argparse.ArgumentParser, launch: bool = False) -> None:
     )
     p.add_argument("--gt-ratio", type=float, help="share of train pseudo masks replaced by GT")
     p.add_argument("--threshold", type=float, help="fixed threshold instead of the val sweep")
+    p.add_argument(
+        "--threshold-on",
+        help="val (default) | train_gt: the literature's protocol, flagged in every row",
+    )
     p.add_argument("--convention", help="pet (default) | pet_with_border | weaktr_refinery")
     p.add_argument("--image-size", type=int, help="working resolution (default: the preset's)")
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
@@ -230,7 +234,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.root:
         params["root"] = Path(args.root)
-    if args.dataset.replace("-", "_") == "synthetic":
+    if args.dataset.replace("-", "_") in ("synthetic", "synthetic_voc"):
         params["preset"] = args.preset
     try:
         ds = datasets.create_dataset(args.dataset, **params)
@@ -240,6 +244,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     info = ds.check()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
+        return 0
+    if callable(getattr(ds, "summary", None)):  # VOC: lists, label source, disagreements
+        print(ds.summary())
         return 0
     print(f"dataset      {info['dataset']}  ({info['root']})")
     print(f"image files  {info['image_files']}")

@@ -173,3 +173,16 @@ def test_literature_protocol_is_flagged_and_tuned_on_train_gt(voc_run):
     assert pseudo["threshold"].item() == pytest.approx(curve.best()[0])
     ours = rows[(rows["method_id"] == "cam") & (rows["stage"] == "pseudo")]
     assert pseudo["value"].item() >= ours[ours["metric"] == "miou"]["value"].item() - 1e-9
+
+
+def test_cli_checks_a_voc_layout_and_refuses_a_bad_threshold_protocol(voc_run, capsys):
+    from benchmark.cli import main
+
+    out, _, _ = voc_run
+    root = next((out / "data").glob("synthetic-voc-*"))
+    assert main(["datasets", "check", "--dataset", "synthetic-voc", "--preset", "tiny",
+                 "--root", str(root)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "labels from" in text and "train_aug" in text and "disagreements" in text
+    assert main(["run", "--threshold-on", "test", "--out", str(out / "x")]) == 2
+    assert "--threshold-on" in capsys.readouterr().err
