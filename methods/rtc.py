@@ -1,4 +1,4 @@
-"""RTC: single-stage WSSS with Representation, Transform and Compensator (binary form).
+"""RTC: single-stage WSSS with Representation, Transform and Compensator.
 
 Paper: C. Wang et al., "Boosting Weakly-Supervised Image Segmentation via Representation,
 Transform, and Compensator" (code: ChunyanWang1/RTC, built on usr922/wseg). Published on PASCAL
@@ -7,36 +7,40 @@ VOC 2012 (WideResNet-38): val 65.34 mIoU (67.20 with dense CRF), test 66.90 / 68
 One network is trained once (``fit``), as a siamese pair over two transforms of each image:
 view 1 is the training image x, view 2 is x resized by ``view2_scale`` (the original: a 448 px
 crop and its 128 px copy), optionally flipped (``view2_flip``; the original does not). For
-backbone stages f1..f4 (strides 4, 8, 8, 8):
+backbone stages f1..f4 (strides 4, 8, 8, 8), with F foreground maps per image (single-label:
+F = 1, the label class's; multi-label: F = C, one per class, zero for untagged classes):
 
-- CAM: ``proj = relu(W_p dropout(f4))``, ``cam = W_c proj`` (1x1 convolutions), GAP logits
-  trained by cross-entropy; the map M is the label class's channel.
-- Cross-representation refinement: seeds ``S = [1 - M~, M~]`` (M~ = M / max, no gradient)
-  propagated along the affinities of two representations of the (detached) backbone, a deep
-  one ``g(f3, f4)`` and a shallow one ``g(image, f2)`` (1x1 convolutions):
-  ``R = (PCM(S, deep) + PCM(S, shallow)) / 2`` with ``PCM`` in :mod:`methods.common.prototypes`.
+- CAM: ``proj = relu(W_p dropout(f4))``, ``M = W_c proj`` (1x1 convolutions), GAP logits
+  trained by cross-entropy (multi-label: the multi-label soft margin on the tags).
+- Cross-representation refinement: seeds ``S = [1 - max_c M~_c, onehot(M~)]`` (M~ = M / max,
+  no gradient; onehot keeps each pixel's strongest class) propagated along the affinities of
+  two representations of the (detached) backbone, a deep one ``g(f3, f4)`` and a shallow one
+  ``g(image, f2)`` (1x1 convolutions): ``R = (PCM(S, deep) + PCM(S, shallow)) / 2`` with
+  ``PCM`` in :mod:`methods.common.prototypes`.
 - Cross-transform regularisation, with T the view-1 -> view-2 transform and N = min-max norm:
-  ``L_er = |T N(M_1) - N(M_2)|``; ``L_ecr = top20%|T N(R_1) - [1-N(M_2), N(M_2)]| + sym.``
-  (targets detached); class prototypes pooled from the *other* view's features at the k =
-  h w / 8 top positions of this view's refined map (``class_prototypes``), and the
-  pixel-to-prototype contrast ``0.1 (L_intra + L_cross-label + L_cross-prototype)`` with
-  temperature 0.1 and pixel labels ``N(R) > bg_threshold``.
-- Compensator: every pixel attends to the features of those top positions and adds their
-  attention-weighted scores to its own (``compensate``); ``L_struct = top80%|N(R') - N(M)|``
-  makes the rough CAM follow the compensated one (for both views).
+  ``L_er = |T N(M_1) - N(M_2)|``; ``L_ecr = top20%|T N(R_1) - [1 - max N(M_2), onehot]| +
+  sym.`` (targets detached); prototypes of background and every class pooled from the
+  *other* view's features at the k = h w / 8 top positions of this view's refined map
+  (``class_prototypes``), and the pixel-to-prototype contrast ``0.1 (L_intra +
+  L_cross-label + L_cross-prototype)`` with temperature 0.1 and pixel labels
+  ``argmax [bg_threshold, N(R)]``.
+- Compensator: every pixel attends to the features of a class's top positions and adds their
+  attention-weighted scores to its own (``compensate``, classes present in the batch);
+  ``L_struct = top80%|onehot N(R') - onehot N(M)|`` makes the rough CAM follow it.
 - Segmentation head (DeepLab-like, two 3x3 convolutions dilated ``seg_dilation`` plus a 3x3
-  branch on f4, fused with 48 channels of f1 at stride 4) trained, from epoch
+  branch on f4, fused with 48 channels of f1 at stride 4; 1 + F outputs) trained, from epoch
   ``seg_start_epoch`` on, with a class-balanced cross-entropy on pseudo labels from the
-  refined CAM: PAMR-refined softmax of ``[b, N(R_1)]`` at half resolution for b = 0.55 and
-  b = 0.2; foreground where it wins against 0.55, background where it loses against both,
-  ignored (255) elsewhere. Images whose labels lack one of the two classes get weight 0.
+  refined CAM: PAMR-refined softmax of ``[b, N(R_1)]`` over background and the tagged
+  classes at half resolution for b = 0.55 and b = 0.2; a class where it wins against 0.55,
+  background where it wins against both, ignored (255) elsewhere. An image counts only if its
+  labels hold the background and every class it is tagged with (the original's rule).
 
 Total: ``L_cls + L_minpool + L_er + L_ecr + L_nce + L_struct + L_seg`` (``L_minpool``: mean of
-the lowest quarter of R's foreground, pushed to 0).
+the lowest quarter of R's per-pixel foreground maximum, pushed to 0).
 
-``localize`` = the refined CAM ``N(R)`` of the label class (TTA: scales x flip, summed, / max);
-``refine`` = the segmentation head's foreground probability (mean over the TTA passes), as a
-map, so the shared segmenter trains on its pseudo masks like every method's.
+``localize`` = the refined CAMs ``N(R)`` (TTA: scales x flip, summed, / max); ``refine`` = the
+seg head's class probabilities (softmax over background and the tagged classes, mean over the
+TTA passes), so the shared segmenter trains on its pseudo masks like every method's.
 
 Defaults (``paper``, from ``run.sh`` and ``contrast_train.py``): WideResNet-38 at output
 stride 8, 448 px crops (RandomResizeLong 448-768, flip, colour jitter) with a 128 px second
@@ -44,13 +48,16 @@ view, batch 8, 25 epochs, SGD poly (power 0.9) lr 0.01, new layers 10x, weight d
 BatchNorm frozen, seg loss from epoch 7, TTA scales (0.5, 1, 1.5, 2) x flip.
 
 Deviations from the original:
-    - Binary form: two classes, background and the image's label class (whose CAM channel is
-      the foreground); the classifier keeps one output per image-level class, trained with
-      softmax cross-entropy (single-label data) instead of the multi-label soft margin, and the
-      seg head has 2 outputs. Multi-label (VOC) would need per-class seeds, prototypes and
-      seg channels, and the multi-label loss.
+    - Single-label data: the classifier is trained with softmax cross-entropy and only the
+      label class's CAM is used (F = 1; seg head with 2 outputs). No background CAM channel
+      (the original's 21st, overwritten by ``1 - max`` anyway).
+    - Tags mask the seeds (the original's forward has no labels, so an untagged class's
+      spurious CAM can suppress tagged ones in its seeds): refined maps of untagged classes
+      are zero, and so are the prototypes of classes no image in the batch is tagged with
+      (the original pools them from spurious top responses). Inference uses the tags too:
+      the seg softmax is over background and tagged classes, not times sigmoid scores.
     - The background prototype: the original's background score is the constant 0.2, so its
-      top-k picks arbitrary tied positions; we rank background by ``1 - N(R)`` (the most
+      top-k picks arbitrary tied positions; we rank background by ``1 - max N(R)`` (the most
       confident background), as the method intends.
     - VARM, the original's label refiner, is shipped only as a compiled file; we use PAMR
       (:mod:`methods.common.pamr`, the repository's own ``pamr.py``, same iterations and
@@ -61,11 +68,9 @@ Deviations from the original:
     - L_minpool and the seg pseudo labels are computed at the feature grid / image size we
       train at, not on 448 px crops; the image is fixed-size (no resize-crop, no jitter).
     - Backbone: WideResNet-38 (MXNet ImageNet weights) is named by ``paper`` but not
-      provided here (no timm model, no installable weights): ``quick`` uses the offline
-      ImageNet EfficientNet-Lite0 trunk at output stride 8, Adam, and fewer epochs.
-    - ``quick`` is scaled from the original (second view 0.5 so that its maps stay 8 x 8,
-      seg dilation 3 for 16 x 16 maps, seg loss after a quarter of the epochs), not yet tuned
-      on validation; no pseudo-mask or segmenter number has been measured yet.
+      provided here: ``quick`` uses the offline ImageNet EfficientNet-Lite0 trunk at output
+      stride 8, Adam, fewer epochs, second view 0.5 (8 x 8 maps), seg dilation 3 (16 x 16
+      maps), seg loss after a quarter of the epochs; not yet tuned or measured on validation.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ from torch import nn
 
 from methods.base import Context, ImageSet, Method, register_method
 from methods.common.backbones import create_backbone
-from methods.common.cam import normalize_cams, tta_maps
+from methods.common.cam import multilabel_loss, normalize_cams, tagged_only, tta_maps
 from methods.common.data import (
     apply_hflip,
     autocast,
@@ -104,10 +109,17 @@ from methods.common.prototypes import (
 from methods.common.single_stage import (
     FG,
     balanced_seg_loss,
+    contrast_labels,
+    keep_tagged,
+    map_channels,
+    max_onehot,
     min_pool_loss,
     seg_pseudo_labels,
+    tagged_softmax,
+    targets,
     to_view,
     view2_size,
+    with_background,
 )
 
 logger = logging.getLogger(__name__)
@@ -121,7 +133,9 @@ def _conv(cin: int, cout: int, k: int = 1, dilation: int = 1, bias: bool = False
 class RTCNet(nn.Module):
     """Backbone + CAM branch + two-representation refinement + segmentation head."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, cfg: Any) -> None:
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, cfg: Any, multilabel: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.input_norm = backbone.input_norm
@@ -140,7 +154,7 @@ class RTCNet(nn.Module):
         self.seg_fuse = _conv(2 * seg, seg)
         self.seg_low = _conv(c1, cfg.seg_low_dim, 3)
         self.seg_proj = _conv(seg + cfg.seg_low_dim, seg)
-        self.seg_cls = _conv(seg, 2)
+        self.seg_cls = _conv(seg, num_classes + 1 if multilabel else 2)  # [bg, classes]
         for m in self.new_modules():
             nn.init.xavier_uniform_(m.weight)
         for m in (self.aff_c2, self.aff_c3, self.aff_c4):
@@ -165,21 +179,25 @@ class RTCNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Run both branches (and the seg head when ``with_seg``) on a normalised batch.
 
+        ``labels``: (N,) class indices (F = 1 foreground map, the label class's), or (N, C)
+        multi-hot tags (F = C maps, the untagged ones zero).
+
         Returns:
-            ``logits`` (N, K), ``cam`` (N, 1, h, w) of the label class, ``proj`` (N, D, h, w),
-            ``cam_rv`` (N, 2, h, w) refined [bg, fg], ``seg`` (N, 2, h1, w1) with ``with_seg``.
+            ``logits`` (N, C), ``cam`` (N, F, h, w), ``proj`` (N, D, h, w), ``cam_rv``
+            (N, 1 + F, h, w) refined [bg, fg], ``seg`` (N, 1 + F, h1, w1) with ``with_seg``.
         """
         f1, f2, f3, f4 = self.backbone(x)
         grid = f4.shape[-2:]
         f2, f3 = (_resize(f, grid) for f in (f2, f3))
         proj = F.relu(self.proj(self.dropout(f4)))  # (N, D, h, w)
         maps = self.classifier(proj)  # (N, K, h, w)
-        idx = labels.view(-1, 1, 1, 1).expand(-1, 1, *grid)
-        cam = maps.gather(1, idx)  # (N, 1, h, w)
+        if labels.dim() == 2:  # tags: every class's CAM, untagged ones zero
+            cam = tagged_only(maps, labels)  # (N, C, h, w)
+        else:
+            cam = maps.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, *grid))  # (N, 1, h, w)
         out = {"logits": maps.mean(dim=(2, 3)), "cam": cam, "proj": proj}
-        with torch.no_grad():
-            fg = normalize_cams(cam.detach().float())
-            seeds = torch.cat([1.0 - fg, fg], dim=1)  # (N, 2, h, w)
+        with torch.no_grad():  # seeds [1 - max_c fg_c, the strongest fg channel per pixel]
+            seeds = with_background(max_onehot(normalize_cams(cam.detach().float())))
         deep = torch.cat([self.aff_c3(f3.detach()), self.aff_c4(f4.detach())], dim=1)
         deep = self.aff_deep(F.relu(deep))
         shallow = torch.cat([_resize(x, grid), F.relu(self.aff_c2(f2.detach()))], dim=1)
@@ -190,7 +208,7 @@ class RTCNet(nn.Module):
         return out
 
     def segment(self, f1: torch.Tensor, f4: torch.Tensor) -> torch.Tensor:
-        """Seg logits (N, 2, h1, w1) at f1's stride."""
+        """Seg logits (N, 1 + F, h1, w1) at f1's stride."""
         deep = torch.cat([self.seg_a2(self.seg_a1(f4)), self.seg_b(f4)], dim=1)
         deep = _resize(self.seg_fuse(deep), f1.shape[-2:])
         fused = torch.cat([deep, self.seg_low(f1)], dim=1)
@@ -270,6 +288,7 @@ class RTC(Method):
     """RTC: siamese CAMs, cross-representation refinement, prototypes, compensator, seg head."""
 
     name = "rtc"
+    multilabel = True
     inference_fields = frozenset({"tta", "tta_scales", "infer_batch_size"})
     Config = Config
     presets = {
@@ -319,7 +338,9 @@ class RTC(Method):
         self.model: RTCNet | None = None
 
     # ---- building -----------------------------------------------------------------------
-    def _build(self, num_classes: int, ctx: Context, pretrained: bool | str) -> RTCNet:
+    def _build(
+        self, num_classes: int, ctx: Context, pretrained: bool | str, multilabel: bool = False
+    ) -> RTCNet:
         cfg = self.config
         if cfg.backbone == "wide_resnet38":
             raise ValueError(
@@ -331,7 +352,7 @@ class RTC(Method):
             backbone = create_backbone(
                 cfg.backbone, pretrained=pretrained, output_stride=cfg.output_stride
             )
-            model = RTCNet(backbone, num_classes, cfg)
+            model = RTCNet(backbone, num_classes, cfg, multilabel)
         return place(model, ctx)
 
     def _optimizer(self, model: RTCNet) -> torch.optim.Optimizer:
@@ -364,12 +385,12 @@ class RTC(Method):
         cfg = self.config
 
         def compute() -> dict[str, torch.Tensor]:
-            model = self._build(train.num_classes, ctx, cfg.pretrained)
+            model = self._build(train.num_classes, ctx, cfg.pretrained, train.multilabel)
             with seeded(ctx.seed + 1):  # dropout draws from the global generator
                 return self._train(model, train, ctx)
 
         state = ctx.stage("rtc", compute)
-        model = self._build(train.num_classes, ctx, pretrained=False)
+        model = self._build(train.num_classes, ctx, False, train.multilabel)
         model.load_state_dict(state)
         self.model = model.eval()
 
@@ -383,7 +404,7 @@ class RTC(Method):
             opt, lambda s: max(0.0, 1.0 - s / total) ** cfg.poly_power
         )
         gen = ctx.generator(1)
-        labels_all = torch.tensor(np.asarray(train.labels), dtype=torch.long)
+        labels_all = targets(train)  # (N,) label indices or (N, C) tags
         model.train()
         steps, stopped = 0, False
         for epoch in ctx.epoch_range(wanted, "rtc"):
@@ -418,8 +439,12 @@ class RTC(Method):
     def step_losses(
         self, model: RTCNet, x: torch.Tensor, y: torch.Tensor, epoch: int, ctx: Context
     ) -> dict[str, torch.Tensor]:
-        """All losses of one training step on a normalised batch ``x`` (B, 3, H, W)."""
+        """All losses of one training step on a normalised batch ``x`` (B, 3, H, W).
+
+        ``y``: (B,) label indices, or (B, C) float tags on a multi-label dataset.
+        """
         cfg = self.config
+        tags = y if y.dim() == 2 else None
         size2 = view2_size(tuple(x.shape[-2:]), cfg.view2_scale)
         x2 = to_view(x, size2, cfg.view2_flip)
         with_seg = epoch >= cfg.seg_start_epoch
@@ -429,18 +454,18 @@ class RTC(Method):
         o1 = {k: v.float() for k, v in o1.items()}
         o2 = {k: v.float() for k, v in o2.items()}
         losses = self._siamese_losses(o1, o2, y, size2)
-        losses.update(self._contrast_losses(o1, o2, size2))
+        losses.update(self._contrast_losses(o1, o2, size2, tags))
         if with_seg:
             norm = model.input_norm
             mean = torch.tensor(norm.mean, device=x.device).view(1, 3, 1, 1)
             std = torch.tensor(norm.std, device=x.device).view(1, 3, 1, 1)
-            fg = minmax_norm(o1["cam_rv"])[:, FG:]  # (B, 1, h, w)
+            fg = minmax_norm(o1["cam_rv"])[:, FG:]  # (B, F, h, w)
             fg = F.interpolate(fg, size=x.shape[-2:], mode="bilinear", align_corners=True)
             labels = seg_pseudo_labels(
                 (x * std + mean).clamp(0, 1), fg, cfg.seg_bg_high, cfg.seg_bg_low,
-                cfg.pamr_iters, tuple(cfg.pamr_dilations),
+                cfg.pamr_iters, tuple(cfg.pamr_dilations), tags,
             )  # fmt: skip
-            losses["seg"] = balanced_seg_loss(o1["seg"], labels)
+            losses["seg"] = balanced_seg_loss(o1["seg"], labels, tags)
         losses["total"] = sum(losses.values())
         return losses
 
@@ -450,21 +475,27 @@ class RTC(Method):
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Classification, min-pooling, equivariance (L_er) and cross-refinement (L_ecr)."""
         cfg = self.config
-        cls = (F.cross_entropy(o1["logits"], y) + F.cross_entropy(o2["logits"], y)) / 2
+        loss = multilabel_loss if y.dim() == 2 else F.cross_entropy  # tags: soft margin
+        cls = (loss(o1["logits"], y) + loss(o2["logits"], y)) / 2
         minpool = (min_pool_loss(o1["cam_rv"][:, FG:]) + min_pool_loss(o2["cam_rv"][:, FG:])) / 2
-        c1 = to_view(minmax_norm(o1["cam"]), size2, cfg.view2_flip)  # (B, 1, H2, W2)
+        c1 = to_view(minmax_norm(o1["cam"]), size2, cfg.view2_flip)  # (B, F, H2, W2)
         c2 = _resize(minmax_norm(o2["cam"]), size2)
-        r1 = to_view(minmax_norm(o1["cam_rv"]), size2, cfg.view2_flip)  # (B, 2, H2, W2)
+        r1 = to_view(minmax_norm(o1["cam_rv"]), size2, cfg.view2_flip)  # (B, 1 + F, H2, W2)
         r2 = _resize(minmax_norm(o2["cam_rv"]), size2)
-        t1 = torch.cat([1.0 - c1, c1], dim=1).detach()
-        t2 = torch.cat([1.0 - c2, c2], dim=1).detach()
+        t1 = with_background(max_onehot(c1)).detach()  # [1 - max_c c, the strongest c]
+        t2 = with_background(max_onehot(c2)).detach()
         ecr = topk_mean((t2 - r1).abs(), cfg.ecr_topk) + topk_mean((t1 - r2).abs(), cfg.ecr_topk)
         return {"cls": cls + minpool, "er": (c1 - c2).abs().mean(), "ecr": ecr}
 
     def _contrast_losses(
-        self, o1: dict[str, torch.Tensor], o2: dict[str, torch.Tensor], size2: tuple[int, int]
-    ) -> dict[str, torch.Tensor]:
-        """Cross-transform prototypes, pixel-to-prototype contrast and the compensator."""
+        self, o1: dict[str, torch.Tensor], o2: dict[str, torch.Tensor], size2: tuple[int, int],
+        tags: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Cross-transform prototypes, pixel-to-prototype contrast and the compensator.
+
+        Prototypes for background and every class (zero for a class no image of the batch is
+        tagged with); the compensator acts on the classes present in the batch.
+        """
         cfg = self.config
         grid = tuple(o2["proj"].shape[-2:])
         p1 = to_view(o1["proj"], grid, cfg.view2_flip)  # view 1 in view 2's grid
@@ -472,14 +503,15 @@ class RTC(Method):
         with torch.no_grad():
             fg1 = minmax_norm(to_view(o1["cam_rv"][:, FG:], grid, cfg.view2_flip))
             fg2 = minmax_norm(o2["cam_rv"][:, FG:])
-            s1, s2 = torch.cat([1.0 - fg1, fg1], 1), torch.cat([1.0 - fg2, fg2], 1)
-            lab1 = (fg1[:, 0] > cfg.bg_threshold).long()  # (B, h2, w2) contrast labels
-            lab2 = (fg2[:, 0] > cfg.bg_threshold).long()
+            s1, s2 = with_background(fg1), with_background(fg2)  # (B, 1 + F, h2, w2)
+            lab1 = contrast_labels(fg1, cfg.bg_threshold)  # (B, h2, w2) contrast labels
+            lab2 = contrast_labels(fg2, cfg.bg_threshold)
             k = grid[0] * grid[1] // cfg.topk_div
             pr1 = class_prototypes(s1, p2.detach(), k)  # view-1 positions, view-2 features
             pr2 = class_prototypes(s2, p1.detach(), k)
-            new1 = compensate(s1, p2.detach(), pr1, [FG])[:, FG:]
-            new2 = compensate(s2, p1.detach(), pr2, [FG])[:, FG:]
+            on = [FG] if tags is None else (FG + torch.nonzero(tags.sum(0) > 0)[:, 0]).tolist()
+            new1 = keep_tagged(compensate(s1, p2.detach(), pr1, on)[:, FG:], tags)
+            new2 = keep_tagged(compensate(s2, p1.detach(), pr2, on)[:, FG:], tags)
         tau, w = cfg.temperature, cfg.nce_weight / 2
         v1, v2 = pr1.vectors, pr2.vectors
         nce = w * (
@@ -492,8 +524,8 @@ class RTC(Method):
         c1 = to_view(minmax_norm(o1["cam"]), size2, cfg.view2_flip)
         c2 = _resize(minmax_norm(o2["cam"]), size2)
         t1, t2 = _resize(minmax_norm(new1), size2), _resize(minmax_norm(new2), size2)
-        struct = topk_mean((t1 - c1).abs(), cfg.struct_topk) + topk_mean(
-            (t2 - c2).abs(), cfg.struct_topk
+        struct = topk_mean((max_onehot(t1) - max_onehot(c1)).abs(), cfg.struct_topk) + topk_mean(
+            (max_onehot(t2) - max_onehot(c2)).abs(), cfg.struct_topk
         )
         return {"nce": nce, "struct": struct}
 
@@ -504,12 +536,15 @@ class RTC(Method):
 
     @torch.no_grad()
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
-        """Refined CAMs N(R) of the label class, (N, 1, H, W) float32 in [0, 1]."""
+        """Refined CAMs N(R) of the label class, (N, 1, H, W) float32 in [0, 1].
+
+        On a multi-label dataset: of every class, (N, C, H, W), untagged classes zero.
+        """
         model = self._ready("localize", ctx)
         scales, flip = self._passes()
         h, w = batch.images.shape[1:3]
-        out = np.empty((len(batch), 1, h, w), dtype=np.float32)
-        labels = torch.tensor(np.asarray(batch.labels), dtype=torch.long)
+        out = np.empty((len(batch), map_channels(batch), h, w), dtype=np.float32)
+        labels = targets(batch)
         for idx in minibatches(len(batch), self.config.infer_batch_size, shuffle=False):
             x = to_tensor(batch.images[idx], ctx.device, model.input_norm)  # (B, 3, H, W)
             y = labels[idx].to(ctx.device)
@@ -518,26 +553,37 @@ class RTC(Method):
                 with autocast(ctx.device, ctx.amp):
                     return minmax_norm(model(inp, y)["cam_rv"][:, FG:].float())
 
-            out[idx] = tta_maps(fn, x, scales=scales, flip=flip).clamp(0, 1).cpu().numpy()
+            maps = keep_tagged(
+                tta_maps(fn, x, scales=scales, flip=flip), y if y.dim() == 2 else None
+            )
+            out[idx] = maps.clamp(0, 1).cpu().numpy()
         return out
 
     @torch.no_grad()
     def refine(self, batch: ImageSet, maps: np.ndarray, ctx: Context) -> np.ndarray:
-        """The seg head's foreground probability, mean over the TTA passes, (N, 1, H, W)."""
+        """The seg head's foreground probability, mean over the TTA passes, (N, 1, H, W).
+
+        On a multi-label dataset: each class's probability, (N, C, H, W), the softmax taken
+        over the background and the tagged classes only (untagged classes zero).
+        """
         model = self._ready("refine", ctx)
         scales, flip = self._passes()
         h, w = batch.images.shape[1:3]
-        out = np.empty((len(batch), 1, h, w), dtype=np.float32)
+        c = map_channels(batch)
+        out = np.empty((len(batch), c, h, w), dtype=np.float32)
+        tags = torch.from_numpy(batch.tags()) if batch.multilabel else None
         for idx in minibatches(len(batch), self.config.infer_batch_size, shuffle=False):
             x = to_tensor(batch.images[idx], ctx.device, model.input_norm)
-            total = torch.zeros(len(idx), 1, h, w, device=ctx.device)
+            total = torch.zeros(len(idx), c, h, w, device=ctx.device)
+            y = None if tags is None else tags[idx].to(ctx.device)  # (B, C)
             for scale in scales:
                 xs = _resize(x, (max(1, round(h * scale)), max(1, round(w * scale))))
                 for flipped in (False, True) if flip else (False,):
                     inp = torch.flip(xs, dims=(-1,)) if flipped else xs
                     with autocast(ctx.device, ctx.amp):
                         f1, _, _, f4 = model.backbone(inp)
-                        prob = torch.softmax(model.segment(f1, f4).float(), dim=1)[:, FG:]
+                        logits = model.segment(f1, f4).float()  # (B, 1 + F, h1, w1)
+                    prob = tagged_softmax(logits, y)[:, FG:]
                     prob = torch.flip(prob, dims=(-1,)) if flipped else prob
                     total += F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
             passes = len(scales) * (2 if flip else 1)

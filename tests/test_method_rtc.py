@@ -201,3 +201,119 @@ def test_paper_preset_names_wide_resnet38():
     assert method.weight_sources() == {"wide_resnet38": True}
     with pytest.raises(ValueError, match="WideResNet-38"):
         method._build(2, Context(), pretrained=False)
+
+
+# ---- the multi-label (PASCAL VOC) form ---------------------------------------------------------
+def _tiny_voc(seed: int = 0) -> tuple[RTC, ImageSet]:
+    """8 images, 4 classes, one or two tags each (class c: a bright square in colour c)."""
+    rng = np.random.default_rng(seed)
+    n, c, size = 8, 4, 32
+    tags = np.zeros((n, c), dtype=np.uint8)
+    images = rng.integers(0, 60, (n, size, size, 3), dtype=np.uint8)
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0)]
+    for i in range(n):
+        for j, k in enumerate(rng.choice(c, size=1 + i % 2, replace=False)):
+            tags[i, k] = 1
+            images[i, 4 + 12 * j : 16 + 12 * j, 4 : 16 + 8 * j] = colours[k]
+    train = ImageSet(images=images, labels=tags, num_classes=c, names=[str(i) for i in range(n)])
+    method = RTC(RTC.make_config("tiny", dropout=0.0, seg_start_epoch=1), preset="tiny")
+    return method, train
+
+
+def _voc_batch(method: RTC, train: ImageSet) -> tuple:
+    from methods.common.data import to_tensor
+
+    model = method._build(train.num_classes, Context(), False, multilabel=True).train()
+    x = to_tensor(train.images, "cpu", model.input_norm)
+    return model, x, torch.from_numpy(train.tags())
+
+
+def test_multilabel_head_has_one_output_per_class_plus_background():
+    method, train = _tiny_voc()
+    model, x, tags = _voc_batch(method, train)
+    c = train.num_classes
+    assert model.seg_cls.out_channels == c + 1 and model.classifier.out_channels == c
+    with torch.no_grad():
+        out = model(x, tags, with_seg=True)
+    assert out["logits"].shape == (8, c) and out["seg"].shape[1] == c + 1
+    assert out["cam"].shape[1] == c and out["cam_rv"].shape[1] == c + 1  # [bg, classes]
+    untagged = (tags == 0)[:, :, None, None].expand_as(out["cam"])
+    assert out["cam"][untagged].eq(0).all()  # untagged classes: no CAM, no seed,
+    assert out["cam_rv"][:, 1:][untagged].eq(0).all()  # and nothing refined
+    # the background seed is 1 - the strongest tagged class, so the refined maps still sum
+    # to (about) one per pixel: PCM averages seeds that do
+    torch.testing.assert_close(out["cam_rv"].sum(1), torch.ones(8, 4, 4), atol=1e-3, rtol=0)
+    binary = method._build(c, Context(), False).eval()
+    assert binary.seg_cls.out_channels == 2  # single-label data: [bg, the label class]
+
+
+def test_multilabel_losses_use_the_soft_margin_and_the_tags(monkeypatch):
+    import methods.rtc as rtc_mod
+
+    _, train = _tiny_voc()
+    method = RTC(RTC.make_config("tiny", dropout=0.0, seg_start_epoch=1, lr=3e-4), preset="tiny")
+    model, x, tags = _voc_batch(method, train)
+    seen = []
+    original = rtc_mod.multilabel_loss
+
+    def spy(logits, y):  # noqa: ANN001, ANN202
+        seen.append(y)
+        return original(logits, y)
+
+    monkeypatch.setattr(rtc_mod, "multilabel_loss", spy)
+    torch.manual_seed(0)
+    opt = method._optimizer(model)
+    totals, cls = [], []
+    for _ in range(6):
+        losses = method.step_losses(model, x, tags, epoch=1, ctx=Context())
+        opt.zero_grad()
+        losses["total"].backward()
+        opt.step()
+        totals.append(losses["total"].item())
+        cls.append(losses["cls"].item())
+    assert len(seen) == 12 and all(torch.equal(y, tags) for y in seen)  # both views
+    assert set(losses) >= {"cls", "er", "ecr", "nce", "struct", "seg"}
+    assert np.isfinite(totals).all() and np.mean(totals[-2:]) < totals[0]
+    assert cls[-1] < cls[0]
+
+
+def test_multilabel_pseudo_labels_never_hold_an_untagged_class():
+    images = torch.full((2, 3, 16, 16), 0.5)
+    fg = torch.zeros(2, 3, 16, 16)
+    fg[:, 0, :, :8] = 1.0  # class 0 on the left half
+    fg[:, 2] = 1.0  # class 2 everywhere, but image 0 is not tagged with it
+    tags = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]])
+    labels = seg_pseudo_labels(images, fg, 0.55, 0.2, 1, (1,), tags)
+    assert set(labels[0].unique().tolist()) <= {0, 1, 255}  # 1 + class 0, never 3
+    assert labels[0, :, :6].eq(1).all() and labels[0, :, 10:].eq(0).all()
+    assert 3 in labels[1].unique().tolist()  # tagged there: class 2 wins
+
+
+def test_every_tag_rule_of_the_seg_loss():
+    logits = torch.randn(2, 4, 8, 8)
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, :, :3] = 1  # class 0 (label 1) in both images
+    labels[0, :, 5:] = 3  # class 2 (label 3) in image 0 only
+    tags = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]])  # both tagged with 0 and 2
+    both = balanced_seg_loss(logits, labels, tags)
+    first = balanced_seg_loss(logits[:1], labels[:1], tags[:1])
+    assert first > 0 and both == pytest.approx(first.item() / 2)  # image 1 lacks class 2
+    assert balanced_seg_loss(logits[1:], labels[1:], tags[1:]).item() == 0.0
+    no_bg = torch.where(labels == 0, torch.full_like(labels, 255), labels)  # bg counts too
+    assert balanced_seg_loss(logits[:1], no_bg[:1], tags[:1]).item() == 0.0
+
+
+def test_multilabel_maps_are_zero_for_untagged_classes():
+    method, train = _tiny_voc()
+    model, _, tags = _voc_batch(method, train)
+    method.model = model.eval()  # an untrained network: every class has some CAM
+    ctx = Context()
+    maps = method.localize(train, ctx)
+    refined = method.refine(train, maps, ctx)
+    untagged = np.broadcast_to(train.tags()[:, :, None, None] == 0, maps.shape)
+    for m in (maps, refined):
+        assert m.shape == (8, 4, 32, 32) and m.dtype == np.float32
+        assert np.all((m >= 0) & (m <= 1)) and np.all(m[untagged] == 0)
+        assert m[~untagged].max() > 0
+    # the seg head's probabilities of background and the tagged classes sum to one
+    np.testing.assert_allclose(refined.sum(1) <= 1 + 1e-5, True)
