@@ -161,6 +161,8 @@ def test_inverted_counts_swap_the_sides_exactly():
 def test_each_row_carries_the_threshold_of_its_prediction(run):
     rows, *_ = run
     quality = rows[rows["aggregation"].isin(["dataset", "image_mean"])]
+    assert quality.loc[quality["metric"] == "pxap", "threshold"].isna().all()  # threshold-free
+    quality = quality[quality["metric"] != "pxap"]
     by_stage = quality.groupby("stage")["threshold"].unique()
     assert by_stage["segmenter"].tolist() == [0.5]  # the segmenter's probability threshold
     assert by_stage["pseudo"].tolist() == [0.0] and by_stage["maps"].tolist() == [0.0]

@@ -31,6 +31,10 @@ from benchmark import cache as bcache
 from benchmark.cli import main
 from benchmark.store import read_results
 
+# integration tests: every job is a fresh process importing torch (seconds each); run by
+# `tox -e cluster` (CI runs it after the unit suite), not by the unit suite `tox -e tests`
+pytestmark = pytest.mark.cluster
+
 pytest.importorskip("submitit")
 
 from test_sweeps import _check_grid, _grid_spec, postgres_url  # noqa: E402, F401 - shared fixture

@@ -125,7 +125,7 @@ def test_choose_threshold_goes_through_search_threshold(monkeypatch):
     rng = np.random.default_rng(0)
     gts = [(rng.random((16, 16)) < 0.4).astype(np.uint8) for _ in range(3)]
     maps = np.stack([np.clip(g * 0.6 + rng.random(g.shape) * 0.5, 0, 1) for g in gts])[:, None]
-    t, curve = brunner.choose_threshold(maps.astype(np.float16), iter(gts), "pet")
+    t, curve = threshold.choose_threshold(maps.astype(np.float16), iter(gts), "pet")
     assert calls == [brunner.SWEEP_BINS + 1]
     counts = brunner.sweep_counts(maps.astype(np.float16), iter(gts), "pet")
     assert t == counts.best("iou")[0] and len(curve) == brunner.SWEEP_BINS + 1

@@ -259,9 +259,10 @@ def train_segmenter(
             y = torch.from_numpy(np.asarray(masks[idx]).astype(np.int64)).to(ctx.device)
             if bool(((y >= num_classes) & (y != IGNORE)).any()):
                 valid = set(range(num_classes)) | {IGNORE}
+                classes = "1 (pet)" if num_classes == 2 else f"1..{num_classes - 1} (classes)"
                 raise ValueError(
-                    f"segmenter masks must hold only 0 (background), 1..{num_classes - 1} or "
-                    f"255 (ignore); found {sorted(set(torch.unique(y).tolist()) - valid)}"
+                    f"segmenter masks must hold only 0 (background), {classes} or 255 "
+                    f"(ignore); found {sorted(set(torch.unique(y).tolist()) - valid)}"
                 )
             flags = flip_flags(len(idx), gen)
             x, y = apply_hflip(x, flags), apply_hflip(y, flags)
