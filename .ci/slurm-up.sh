@@ -26,7 +26,7 @@ node_state() { sinfo -h -N -o %T 2>/dev/null | head -1; }
 [ "$(id -u)" = 0 ] || die "needs root (installs packages and starts daemons)"
 
 if grep -qF "$MARK" "$CONF" 2>/dev/null && running /run/slurmctld.pid && running /run/slurmd.pid \
-  && [ "$(node_state)" = idle ]; then
+  && [ "$(node_state)" = idle ] && sacct -n -X -o JobID >/dev/null 2>&1; then
   echo "slurm-up: cluster already up ($(sinfo -h -o '%P %D %T' | head -1))"
   exit 0
 fi
