@@ -55,6 +55,13 @@ PXAP_NOTE = (
     "precision-recall curve of the maps over all thresholds: a score of the maps that needs no "
     "threshold."
 )
+#: What a method's maps are where its own network segments (its refine step).
+OWN_NETWORK_NOTE = (
+    " A method whose maps come from its own segmentation network (weaktr: its Phase-2 "
+    "segmenter; rtc: its segmentation head; weaktr_refinery: its decoder) is scored here on "
+    "that network's own test predictions; the main table scores the shared segmenter trained "
+    "on its pseudo masks."
+)
 #: The main table's pseudo-label threshold column (read from the pseudo rows).
 PSEUDO_THRESHOLD_COLUMN = {"pseudo_threshold": "pseudo thr."}
 
@@ -285,6 +292,7 @@ def _main_sections(
     ):
         md, tex = format_table(summary, metrics), format_table(summary, metrics, style="latex")
         note = PXAP_NOTE if "pxap" in metrics else ""
+        note += OWN_NETWORK_NOTE if name == "maps_test" else ""
         w.section(title, w.table(name, md, tex, summary), note)
 
 
