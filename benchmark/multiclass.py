@@ -23,7 +23,6 @@ in no score. Per-image values and the qualitative grid are binary-only for now.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +45,12 @@ from benchmark.evaluate import (
     multiclass_metrics,
     upsample_scores,
 )
-from benchmark.stages import ThresholdChoice, TrainMasks
+from benchmark.stages import (
+    ThresholdChoice,
+    TrainMasks,
+    segmenter_context,
+    segmenter_problem,
+)
 from benchmark.supervision import gt_subset
 from datasets.conventions import IGNORE
 from methods.base import Method
@@ -143,23 +147,13 @@ def label_predictions(
 ) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
     """Train the (C + 1)-class shared segmenter (a cached stage); its test labels (N, S, S)."""
     k = bundle.dataset.num_classes + 1
-    seg_ctx = RunContext(
-        device=ctx.device,
-        seed=ctx.seed,
-        workdir=ctx.workdir,
-        amp=ctx.amp,
-        channels_last=ctx.channels_last,
-        progress=ctx.progress,
-        stage_dir=run_dir / "stages",
-        force=cfg.force,
-        prefix=f"segmenter-{seg_key}-k{k}-",
-    )
+    seg_ctx = segmenter_context(cfg, ctx, run_dir, f"segmenter-{seg_key}-k{k}-")
     images = np.asarray(bundle.imageset("train").images)
     ctx.phase = "segmenter"
     state = seg_ctx.stage(
         "train",
         lambda: train_segmenter(images, masks, config, seg_ctx, num_classes=k),
-        check=functools.partial(_problem, config, k),
+        check=lambda state: segmenter_problem(config, state, k),
     )
     costs = {"segmenter": seg_ctx.costs["train"]}
     model = build_segmenter(config, k)
@@ -192,17 +186,6 @@ def _cached_labels(path: Path, shape: tuple[int, ...], k: int) -> np.ndarray | N
         logger.warning("cached labels %s hold a class >= %d; recomputing", path, k)
         return None
     return labels
-
-
-def _problem(config: SegmenterConfig, k: int, state: dict[str, Any]) -> str | None:
-    """Why a cached segmenter state does not load into a ``k``-class segmenter, or None."""
-    with torch.random.fork_rng(devices=[]):
-        model = build_segmenter(config, k)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
-        return str(exc).splitlines()[0][:300]
-    return None
 
 
 # ---- 4. scores ----------------------------------------------------------------------------------

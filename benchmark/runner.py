@@ -362,14 +362,7 @@ class Runner:
             cfg, b, self.segmenter_config, ctx, run.run_dir, run.seg_key, masks.masks
         )
         ctx.phase = "evaluate"
-        common = {
-            **base,
-            "status": "budget" if ctx.budget_hit else "done",
-            "reason": "cut by its budget; partial result kept" if ctx.budget_hit else "",
-            "threshold": choice.value,
-            "threshold_source": choice.source,
-            "n_gt_replaced": len(masks.replaced),
-        }
+        common = stages.common_columns(base, ctx.budget_hit, choice, len(masks.replaced))
         scored = stages.score_stages(b, maps, preds, choice, masks.used)
         rows, per_image = stages.quality_rows(scored, common)
         rows.extend(pxap_rows(maps, b.orig_masks, common))  # threshold-free score of the maps
@@ -389,14 +382,7 @@ class Runner:
             cfg, b, self.segmenter_config, ctx, run.run_dir, run.seg_key, masks.pseudo
         )
         ctx.phase = "evaluate"
-        common = {
-            **base,
-            "status": "budget" if ctx.budget_hit else "done",
-            "reason": "cut by its budget; partial result kept" if ctx.budget_hit else "",
-            "threshold": choice.value,
-            "threshold_source": choice.source,
-            "n_gt_replaced": len(masks.replaced),
-        }
+        common = stages.common_columns(base, ctx.budget_hit, choice, len(masks.replaced))
         scored = multiclass.score_label_stages(b, maps, preds, choice, masks.used)
         rows = multiclass.label_rows(scored, common, b.class_names)
         rows.extend(stages.cost_rows(common, {**costs, **seg_costs}))

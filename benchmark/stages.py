@@ -232,17 +232,7 @@ def segmenter_predictions(
     Returns:
         ``(predictions, stage_costs)``.
     """
-    seg_ctx = RunContext(
-        device=ctx.device,
-        seed=ctx.seed,
-        workdir=ctx.workdir,
-        amp=ctx.amp,
-        channels_last=ctx.channels_last,
-        progress=ctx.progress,
-        stage_dir=run_dir / "stages",
-        force=cfg.force,
-        prefix=f"segmenter-{seg_key}-",
-    )
+    seg_ctx = segmenter_context(cfg, ctx, run_dir, f"segmenter-{seg_key}-")
     images = np.asarray(bundle.imageset("train").images)
     ctx.phase = "segmenter"
     state = seg_ctx.stage(
@@ -270,6 +260,21 @@ def segmenter_predictions(
     return preds, costs
 
 
+def segmenter_context(cfg: RunConfig, ctx: RunContext, run_dir: Path, prefix: str) -> RunContext:
+    """The shared segmenter's own context: the run's device and seed, its own stage files."""
+    return RunContext(
+        device=ctx.device,
+        seed=ctx.seed,
+        workdir=ctx.workdir,
+        amp=ctx.amp,
+        channels_last=ctx.channels_last,
+        progress=ctx.progress,
+        stage_dir=run_dir / "stages",
+        force=cfg.force,
+        prefix=prefix,
+    )
+
+
 def cached_predictions(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """Stored segmenter predictions of ``shape`` if complete and intact, else None."""
     if bcache.read_marker(path) is None:
@@ -277,10 +282,12 @@ def cached_predictions(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return bcache.load_checked_array(path, shape, np.float16, "predictions", unit_range=True)
 
 
-def segmenter_problem(config: SegmenterConfig, state: dict[str, Any]) -> str | None:
+def segmenter_problem(
+    config: SegmenterConfig, state: dict[str, Any], num_classes: int = 2
+) -> str | None:
     """Why a cached segmenter state does not load into the segmenter ``config`` builds, or None."""
     with torch.random.fork_rng(devices=[]):  # building the model must not move the seeds
-        model = build_segmenter(config)
+        model = build_segmenter(config, num_classes)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as exc:
@@ -400,6 +407,20 @@ def quality_rows(
             frame.insert(0, "stage", stage)
             per_image.append(frame)
     return rows, per_image
+
+
+def common_columns(
+    base: dict[str, Any], budget_hit: bool, choice: ThresholdChoice, n_replaced: int
+) -> dict[str, Any]:
+    """The columns every quality and cost row of a completed run shares."""
+    return {
+        **base,
+        "status": "budget" if budget_hit else "done",
+        "reason": "cut by its budget; partial result kept" if budget_hit else "",
+        "threshold": choice.value,
+        "threshold_source": choice.source,
+        "n_gt_replaced": n_replaced,
+    }
 
 
 def status_row(
