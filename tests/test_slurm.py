@@ -32,7 +32,7 @@ from benchmark.cli import main
 from benchmark.store import read_results
 
 # integration tests: every job is a fresh process importing torch (seconds each); run by
-# `tox -e cluster` (CI runs it after the unit suite), not by the unit suite `tox -e tests`
+# `tox -e tests -- -q -m cluster` (CI runs it after the unit suite), not by `tox -e tests`
 pytestmark = pytest.mark.cluster
 
 pytest.importorskip("submitit")
