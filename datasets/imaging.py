@@ -133,3 +133,24 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class FileHashes:
+    """SHA-256 of files, cached in memory by path, size and modification time.
+
+    A dataset's fingerprint hashes every file it serves; a second fingerprint in the same
+    process re-reads only the files that changed.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[int, int, str]] = {}
+
+    def __call__(self, path: Path) -> str:
+        """The hex SHA-256 of ``path`` (recomputed when its size or mtime changed)."""
+        stat = path.stat()
+        cached = self._seen.get(path)
+        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+            return cached[2]
+        digest = file_sha256(path)
+        self._seen[path] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest

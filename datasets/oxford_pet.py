@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from datasets.conventions import DatasetError
-from datasets.imaging import decode_image, file_sha256, read_trimap
+from datasets.imaging import FileHashes, decode_image, read_trimap
 from datasets.pet_checks import (
     IMAGE_EXTENSIONS,
     LAYOUT_HELP,
@@ -155,7 +155,7 @@ class OxfordPet:
         self.label_kind = label
         self.params: dict[str, Any] = {"label": label}
         self._verify = verify
-        self._hashes: dict[Path, tuple[int, int, str]] = {}
+        self._file_hash = FileHashes()  # fingerprint file hashes, cached
         self._head_boxes: dict[str, tuple[int, int, int, int] | None] = {}
         check_layout(self.name, self.root)
         self._scan()
@@ -422,15 +422,6 @@ class OxfordPet:
         return self._head_boxes[record.name]
 
     # ------------------------------------------------------------------ identity
-
-    def _file_hash(self, path: Path) -> str:
-        stat = path.stat()
-        cached = self._hashes.get(path)
-        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
-            return cached[2]
-        digest = file_sha256(path)
-        self._hashes[path] = (stat.st_size, stat.st_mtime_ns, digest)
-        return digest
 
     def fingerprint(self) -> str:
         """SHA-256 over name, params, classes and every record's name, label and file hashes.

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from datasets.conventions import IGNORE, DatasetError
-from datasets.imaging import decode_image, file_sha256
+from datasets.imaging import FileHashes, decode_image
 from datasets.oxford_pet import Exclusion, data_home
 from datasets.registry import register_dataset
 from datasets.splits import Split
@@ -150,7 +150,7 @@ class VOC2012:
         self.class_names: list[str] = list(class_names)
         self.num_classes: int = len(self.class_names)
         self._verify = verify
-        self._hashes: dict[Path, tuple[int, int, str]] = {}
+        self._file_hash = FileHashes()  # fingerprint file hashes, cached
         cls_path = Path(cls_labels) if cls_labels is not None else self.root / "cls_labels.npy"
         self.label_source: str = self._resolve_source(labels, cls_path)
         self.params: dict[str, Any] = {"labels": labels, "label_source": self.label_source}
@@ -526,15 +526,6 @@ class VOC2012:
         }
 
     # ------------------------------------------------------------------ identity and report
-
-    def _file_hash(self, path: Path) -> str:
-        stat = path.stat()
-        cached = self._hashes.get(path)
-        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
-            return cached[2]
-        digest = file_sha256(path)
-        self._hashes[path] = (stat.st_size, stat.st_mtime_ns, digest)
-        return digest
 
     def fingerprint(self) -> str:
         """SHA-256 over name, params, classes and every record's name, lists, tags and files."""
