@@ -94,6 +94,19 @@ def test_all_ignored_masks_train_nothing():
     assert all(torch.equal(state[k], init[k]) for k in init)
 
 
+def test_all_ignored_images_are_left_out_of_the_batches():
+    """A tag-only image (all-ignored mask) takes no batch slot; the steps count the others."""
+    images, masks = _rectangles(12, 64, seed=5)
+    masks[1::2] = 255  # six tag-only images
+    cfg = make_segmenter_config("tiny", epochs=2, batch_size=3)
+    ctx = Counting(seed=2)
+    state = train_segmenter(images, masks, cfg, ctx)
+    assert ctx.calls == 2 * (6 // 3)  # 2 epochs of the 6 labelled images, batches of 3
+    # the same images without the tag-only ones: the very same training (same batches)
+    alone = train_segmenter(images[0::2].copy(), masks[0::2].copy(), cfg, Counting(seed=2))
+    assert all(torch.equal(state[k], alone[k]) for k in state)
+
+
 def test_bad_inputs_are_clear_errors():
     images, masks = _rectangles(2, 64, seed=4)
     cfg = make_segmenter_config("tiny")
