@@ -218,8 +218,12 @@ def labelled_images(masks: np.ndarray, chunk: int = 256) -> np.ndarray:
     An all-ignored mask carries no supervision: a VOC ``train_aug`` image outside ``train``
     has tags and no mask, so the GT-trained reference sees only the images that have one (on
     ``synthetic-voc`` quick, 127 of 427; drawn into the batches, the others left about 30 % of
-    each batch to learn from). Read in chunks, so a memory map is never loaded whole.
+    each batch to learn from). Read in chunks, so a memory map is never loaded whole. A mask
+    source that is not an array (the ``weaktr_batch`` GT rule draws each batch's masks when
+    indexed) is used whole.
     """
+    if not isinstance(masks, np.ndarray):
+        return np.arange(len(masks))
     keep = [
         np.flatnonzero((np.asarray(masks[a : a + chunk]) != IGNORE).any(axis=(1, 2))) + a
         for a in range(0, len(masks), chunk)
