@@ -387,7 +387,9 @@ class Runner:
         rows = multiclass.label_rows(scored, common, b.class_names)
         rows.extend(stages.cost_rows(common, {**costs, **seg_costs}))
         if choice.curve is not None:
-            stages.write_run_outputs(self.out, cfg, base, run.seg_key, [], choice.curve)
+            stages.write_run_outputs(
+                self.out, cfg, base, run.seg_key, [], choice.curve, multiclass.MULTICLASS
+            )
         return rows
 
     def _unsupported(self, method: Method, base: dict[str, Any]) -> list[dict[str, Any]] | None:

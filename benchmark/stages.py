@@ -471,8 +471,13 @@ def write_run_outputs(
     seg_key: str,
     per_image: list[pd.DataFrame],
     curve: pd.DataFrame | None,
+    convention: str | None = None,
 ) -> None:
-    """Store a run's per-image values (if any) and its validation threshold curve (if swept)."""
+    """Store a run's per-image values (if any) and its validation threshold curve (if swept).
+
+    ``convention`` labels the curve (default: the run's; a multi-class run's is ``multiclass``).
+    """
+    convention = convention or cfg.convention
     if per_image:
         frame = pd.concat(per_image, ignore_index=True)
         frame.insert(0, "method_id", base["method_id"])
@@ -484,9 +489,9 @@ def write_run_outputs(
         curve = curve.copy()
         curve.insert(0, "method_id", base["method_id"])
         curve.insert(1, "seed", base["seed"])
-        curve.insert(2, "convention", cfg.convention)
+        curve.insert(2, "convention", convention)
         curve.insert(3, "run_key", base["run_key"])
-        write_curve(out, f"{base['run_key']}-{cfg.convention}", curve)
+        write_curve(out, f"{base['run_key']}-{convention}", curve)
 
 
 def save_qualitative(

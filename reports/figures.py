@@ -191,6 +191,7 @@ def threshold_curves(
     chosen: Mapping[str, float] | None = None,
     metric: str = "iou",
     palette: Mapping[str, Any] | None = None,
+    xlabel: str = "Threshold on the method's map",
 ) -> list[Path]:
     """Validation ``metric`` against the threshold, one line per method (band: std over seeds).
 
@@ -200,6 +201,7 @@ def threshold_curves(
         chosen: method_id -> the threshold the runner chose, marked with a dot.
         metric: the curve's metric column.
         palette: method_id -> colour.
+        xlabel: the x axis title.
 
     Returns:
         The written files.
@@ -215,7 +217,7 @@ def threshold_curves(
                 continue
             at = mean.index[np.argmin(np.abs(mean.index.to_numpy(dtype=float) - t))]
             ax.plot([at], [mean[at]], "o", ms=4, color=palette.get(method_id, "0.5"), mec="k")
-        ax.set_xlabel("Threshold on the method's map")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"Validation {metric_label(metric)} (%)")
         ax.set_xlim(0, 1)
         _legend_below(fig, ax, len(ids))

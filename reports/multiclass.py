@@ -1,4 +1,7 @@
-"""Tables of multi-class runs (PASCAL VOC 2012, ``synthetic_voc``): mIoU and per-class IoU.
+"""The report of multi-class runs (PASCAL VOC 2012, ``synthetic_voc``).
+
+mIoU tables per stage, per-class IoU, mixed supervision (segmenter mIoU by ``gt_ratio``), the
+validation background-threshold curves, cost and failed runs.
 
 Multi-class rows carry ``convention = "multiclass"`` and, per (stage, split), the dataset-level
 ``miou`` (over the classes present), pixel ``accuracy``, class-mean ``precision`` / ``recall``
@@ -10,10 +13,23 @@ tables are unchanged and never mix with these.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pandas as pd
 
-from reports.tables import format_table, frame_table, summarize, with_failures
+from benchmark.store import atomic_write_text
+from reports import figures
+from reports.data import ReportData
+from reports.tables import (
+    cost_table,
+    failed_runs,
+    format_table,
+    frame_table,
+    mixed_table,
+    summarize,
+    with_failures,
+)
+from reports.writer import ReportWriter
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +93,103 @@ def multiclass_text(rows: pd.DataFrame) -> str:
         parts.append("\nSegmenter on test, IoU per class (%):\n")
         parts.append(frame_table(per_class, index_label="method_id"))
     return "\n".join(parts)
+
+
+def write_multiclass_report(
+    w: ReportWriter, data: ReportData, rows: pd.DataFrame, path: Path
+) -> Path:
+    """Write report.md of a multi-class dataset.
+
+    Args:
+        w: the report writer (its folder gets tables/ and figures/).
+        data: everything loaded from the output folder (every gt_ratio, the curves).
+        rows: the rows at the main table's gt_ratio.
+        path: report.md's path.
+
+    Returns:
+        ``path``.
+    """
+    w.parts.append("# wsss-bench report (multi-class)\n")
+    w.section("Results", multiclass_text(rows))
+    per_class = per_class_table(rows)
+    if not per_class.empty:
+        atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())
+    ids = sorted(str(m) for m in data.rows["method_id"].dropna().unique())
+    palette = figures.method_palette(ids)
+    _mixed_section(w, data.rows, palette)
+    _curves_section(w, data.curves, rows, palette)
+    cost = cost_table(rows)
+    if not cost.empty:
+        w.section(
+            "Cost (wall seconds per stage, mean over seeds; device seconds; peak memory in MB)",
+            w.table(
+                "cost",
+                frame_table(cost, index_label="method_id"),
+                frame_table(cost, style="latex", index_label="method_id"),
+                cost,
+            ),
+        )
+    bad = failed_runs(rows)
+    if not bad.empty:
+        w.section("Failed runs", frame_table(bad.set_index("method_id"), index_label="method_id"))
+    atomic_write_text(path, "\n".join(w.parts))
+    logger.info("report written to %s", path)
+    return path
+
+
+def _mixed_section(w: ReportWriter, rows: pd.DataFrame, palette: dict) -> None:
+    """Segmenter test mIoU by share of GT masks (several ``--gt-ratio`` runs), table + lines."""
+    summary, keys = mixed_table(rows, "miou", MULTICLASS)
+    if summary.empty:
+        w.section(
+            "Mixed supervision",
+            "Only one gt_ratio was run, so there is no mixed-supervision table; run with "
+            "several `--gt-ratio` values to fill it.\n",
+        )
+        return
+    labels = {k: f"gt {k[1:]}" for k in keys}
+    md = format_table(summary, metrics=tuple(keys), labels=labels)
+    tex = format_table(summary, metrics=tuple(keys), style="latex", labels=labels)
+    w.section(
+        "Mixed supervision (segmenter test mIoU by share of GT masks, %)",
+        w.table("mixed", md, tex, summary),
+    )
+    sel = rows[
+        rows["status"].isin(["done", "budget"])
+        & (rows["stage"] == "segmenter")
+        & (rows["split"] == "test")
+        & (rows["convention"] == MULTICLASS)
+        & (rows["metric"] == "miou")
+    ]
+    points = sel[["method_id", "gt_ratio", "seed", "value"]]
+    paths = figures.ratio_lines(points, w.figures / "miou_vs_gt_ratio", "miou", palette)
+    w.parts.append(w.figure(paths, "Test mIoU against the share of GT masks; band: std."))
+
+
+def _curves_section(
+    w: ReportWriter, curves: pd.DataFrame, rows: pd.DataFrame, palette: dict
+) -> None:
+    """Validation mIoU against the background score ``t``, the chosen ``t`` marked."""
+    if curves.empty or "miou" not in curves:
+        return
+    curves = curves.dropna(subset=["miou"])
+    if curves.empty:
+        return
+    chosen = summarize(rows, "pseudo", "train", MULTICLASS, metrics=("miou",))
+    thresholds = chosen["threshold"].to_dict() if "threshold" in chosen else {}
+    paths = figures.threshold_curves(
+        curves,
+        w.figures / "miou_vs_background",
+        chosen=thresholds,
+        metric="miou",
+        palette=palette,
+        xlabel="Background score t (argmax over [t, tagged maps])",
+    )
+    w.section(
+        "Background-threshold sweeps (validation)",
+        w.figure(
+            paths,
+            "Validation mIoU against the background score; dots: the chosen thresholds "
+            "(a curve on the train GT is flagged [tuned on train GT] in its method id).",
+        ),
+    )

@@ -15,7 +15,6 @@ mixed-supervision table and figure show every ratio.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +43,7 @@ from reports.tables import (
     summarize,
     with_failures,
 )
+from reports.writer import ReportWriter
 
 logger = logging.getLogger(__name__)
 
@@ -85,48 +85,6 @@ def main_table_text(rows: pd.DataFrame, convention: str = "pet") -> str:
     return text
 
 
-@dataclass
-class _Writer:
-    """Collects report.md parts and writes table and figure files."""
-
-    report_dir: Path
-    parts: list[str] = field(default_factory=list)
-
-    @property
-    def tables(self) -> Path:
-        return self.report_dir / "tables"
-
-    @property
-    def figures(self) -> Path:
-        return self.report_dir / "figures"
-
-    def section(self, title: str, *texts: str) -> None:
-        self.parts.append(f"## {title}\n")
-        self.parts.extend(t if t.endswith("\n") else t + "\n" for t in texts if t)
-
-    def table(self, name: str, markdown: str, latex: str, frame: pd.DataFrame) -> str:
-        atomic_write_text(self.tables / f"{name}.md", markdown)
-        atomic_write_text(self.tables / f"{name}.tex", latex)
-        if not frame.empty:
-            atomic_write_text(self.tables / f"{name}.csv", frame.to_csv())
-        return (
-            markdown
-            + f"\n[Markdown](tables/{name}.md) · [LaTeX](tables/{name}.tex)"
-            + (f" · [CSV](tables/{name}.csv)\n" if not frame.empty else "\n")
-        )
-
-    def figure(self, paths: list[Path], caption: str) -> str:
-        png = [p for p in paths if p.suffix == ".png"]
-        pdf = [p for p in paths if p.suffix == ".pdf"]
-        if not png:
-            return ""
-        rel = png[0].relative_to(self.report_dir).as_posix()
-        text = f"![{caption}]({rel})\n\n*{caption}*"
-        if pdf:
-            text += f" ([PDF]({pdf[0].relative_to(self.report_dir).as_posix()}))"
-        return text + "\n"
-
-
 def write_report(out: Path, report_dir: Path | None = None) -> Path:
     """Write report.md, tables/ and figures/ under ``out/report`` (or ``report_dir``).
 
@@ -143,7 +101,7 @@ def write_report(out: Path, report_dir: Path | None = None) -> Path:
 
 def build_report(data: ReportData, report_dir: Path) -> Path:
     """Write the report of already loaded results (see :func:`write_report`)."""
-    w = _Writer(report_dir)
+    w = ReportWriter(report_dir)
     w.tables.mkdir(parents=True, exist_ok=True)
     w.figures.mkdir(parents=True, exist_ok=True)
     path = report_dir / "report.md"
@@ -153,7 +111,7 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     ratio = primary_ratio(data.rows)
     rows = at_ratio(data.rows, ratio)
     if multiclass.has_multiclass(rows):
-        return _multiclass_report(w, rows, path)
+        return multiclass.write_multiclass_report(w, data, rows, path)
     per_image = _per_image_at(data.per_image, ratio)
     main = main_summary(rows)
     sig = stats.significance(stats.select(per_image, "segmenter", "test", CONVENTION), main)
@@ -182,21 +140,6 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     return path
 
 
-def _multiclass_report(w: _Writer, rows: pd.DataFrame, path: Path) -> Path:
-    """report.md of a multi-class dataset: the mIoU tables (see :mod:`reports.multiclass`)."""
-    w.parts.append("# wsss-bench report (multi-class)\n")
-    w.section("Results", multiclass.multiclass_text(rows))
-    per_class = multiclass.per_class_table(rows)
-    if not per_class.empty:
-        atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())
-    bad = failed_runs(rows)
-    if not bad.empty:
-        w.section("Failed runs", frame_table(bad.set_index("method_id"), index_label="method_id"))
-    atomic_write_text(path, "\n".join(w.parts))
-    logger.info("report written to %s", path)
-    return path
-
-
 def main_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """The main table's summary: segmenter on test, with its failures, flags and thresholds.
 
@@ -220,7 +163,7 @@ def _per_image_at(per_image: pd.DataFrame, ratio: float | None) -> pd.DataFrame:
 
 # ---- sections ------------------------------------------------------------------------------------
 def _main_sections(
-    w: _Writer,
+    w: ReportWriter,
     rows: pd.DataFrame,
     main: pd.DataFrame,
     sig: stats.Significance,
@@ -315,7 +258,7 @@ def _footnote(sig: stats.Significance, marks: dict[str, str]) -> str:
     return text + "\n"
 
 
-def _mixed_section(w: _Writer, rows: pd.DataFrame, palette: dict) -> None:
+def _mixed_section(w: ReportWriter, rows: pd.DataFrame, palette: dict) -> None:
     summary, keys = mixed_table(rows, "iou", CONVENTION)
     if summary.empty:
         ratios = sorted(rows["gt_ratio"].dropna().unique()) if "gt_ratio" in rows else []
@@ -346,7 +289,7 @@ def _mixed_section(w: _Writer, rows: pd.DataFrame, palette: dict) -> None:
     w.parts.append(w.figure(paths, "Test IoU against the share of GT masks; band: std."))
 
 
-def _conventions_section(w: _Writer, rows: pd.DataFrame, per_image: pd.DataFrame) -> None:
+def _conventions_section(w: ReportWriter, rows: pd.DataFrame, per_image: pd.DataFrame) -> None:
     background = stats.all_background_iou(per_image)
     summary, convs = conventions_table(rows, background)
     if summary.empty:
@@ -368,7 +311,7 @@ def _conventions_section(w: _Writer, rows: pd.DataFrame, per_image: pd.DataFrame
     w.section("Conventions (segmenter test IoU, %)", w.table("conventions", md, tex, summary), text)
 
 
-def _cost_section(w: _Writer, main: pd.DataFrame, cost: pd.DataFrame, palette: dict) -> None:
+def _cost_section(w: ReportWriter, main: pd.DataFrame, cost: pd.DataFrame, palette: dict) -> None:
     if cost.empty:
         return
     w.section(
@@ -396,7 +339,7 @@ def _cost_section(w: _Writer, main: pd.DataFrame, cost: pd.DataFrame, palette: d
     w.parts.append(w.figure(paths, "Test IoU against wall time per run (log scale)."))
 
 
-def _curves_section(w: _Writer, data: ReportData, rows: pd.DataFrame, palette: dict) -> None:
+def _curves_section(w: ReportWriter, data: ReportData, rows: pd.DataFrame, palette: dict) -> None:
     curves = data.curves
     if curves.empty or "iou" not in curves:
         return
@@ -411,7 +354,7 @@ def _curves_section(w: _Writer, data: ReportData, rows: pd.DataFrame, palette: d
     )
 
 
-def _extra_sections(w: _Writer, data: ReportData) -> None:
+def _extra_sections(w: ReportWriter, data: ReportData) -> None:
     study_paths: list[Path] = []
     for source in data.studies:
         try:

@@ -186,3 +186,32 @@ def test_cli_checks_a_voc_layout_and_refuses_a_bad_threshold_protocol(voc_run, c
     assert "labels from" in text and "train_aug" in text and "disagreements" in text
     assert main(["run", "--threshold-on", "test", "--out", str(out / "x")]) == 2
     assert "--threshold-on" in capsys.readouterr().err
+
+
+def test_report_has_mixed_supervision_and_background_curves(voc_run, tmp_path):
+    """The multi-class report: segmenter mIoU by gt_ratio (two ratios run), the validation
+    background-threshold curves (stored as ``multiclass``), cost; the gt_ratio objective reads
+    the mIoU row."""
+    import dataclasses
+    import shutil
+
+    from benchmark.sweeps.objectives import _segmenter_iou
+    from reports.data import read_curves
+    from reports.report import write_report
+
+    src, cfg, _ = voc_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    half = dataclasses.replace(cfg, out=str(out), methods=["centre_prior"], gt_ratio=0.5)
+    mixed = Runner(half.validate()).run_all()
+    seg = mixed[(mixed["stage"] == "segmenter") & (mixed["metric"] == "miou")]
+    assert _segmenter_iou(mixed.to_dict("records"), "pet") == seg["value"].item()
+    curves = read_curves(out)
+    assert set(curves["convention"]) == {"multiclass"} and curves["miou"].notna().all()
+    text = write_report(out).read_text()
+    assert "## Mixed supervision (segmenter test mIoU by share of GT masks, %)" in text
+    mixed_csv = (out / "report" / "tables" / "mixed.csv").read_text()
+    assert "centre_prior" in mixed_csv and "r0.5_mean" in mixed_csv
+    assert "## Background-threshold sweeps (validation)" in text and "## Cost" in text
+    assert (out / "report" / "figures" / "miou_vs_background.png").is_file()
+    assert (out / "report" / "figures" / "miou_vs_gt_ratio.png").is_file()

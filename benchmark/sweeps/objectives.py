@@ -24,6 +24,7 @@ import pandas as pd
 from benchmark.config import ConfigError, RunConfig, mask_url
 from benchmark.evaluate import METRICS, SweepCounts
 from benchmark.identity import run_label
+from benchmark.multiclass import MULTICLASS
 from benchmark.runner import DataBundle, OpenRun, Runner, RunSpec
 from benchmark.store import check_row_schema, write_curve, write_rows
 from benchmark.sweeps.storage import (
@@ -349,19 +350,18 @@ class GtRatioObjective(_Objective):
 
 
 def _segmenter_iou(rows: list[dict[str, Any]], convention: str) -> float:
+    """The segmenter's dataset-level test IoU (binary) or mIoU (a multi-class dataset)."""
     for r in rows:
         if r.get("status") == "error":
             raise RuntimeError(f"the run failed: {r.get('reason')}")
+    wanted = {(convention, "iou"), (MULTICLASS, "miou")}
     for r in rows:
-        if (r["stage"], r["split"], r["convention"], r["aggregation"], r["metric"]) == (
-            "segmenter",
-            "test",
-            convention,
-            "dataset",
-            "iou",
-        ):
+        if (r["stage"], r["split"], r["aggregation"]) == ("segmenter", "test", "dataset") and (
+            r["convention"],
+            r["metric"],
+        ) in wanted:
             return float(r["value"])
-    raise RuntimeError("the run wrote no segmenter test IoU row")
+    raise RuntimeError("the run wrote no segmenter test IoU (or mIoU) row")
 
 
 class HparamsObjective(_Objective):
@@ -378,6 +378,11 @@ class HparamsObjective(_Objective):
         repetition = self.spec.repetitions[0]
         runner = Runner(cfg, bundle=self.bundle)
         self.bundle = runner.bundle
+        if runner.bundle.multiclass:
+            raise ValueError(
+                f"the hparams sweep scores binary maps; {cfg.dataset} is multi-class (use "
+                "`run` with method specs, or the gt_ratio sweep, which scores mIoU there)"
+            )
         extra = {"study": self.study_name, "trial": trial.number, "sweep": "hparams"}
         key = f"{study_slug(self.study_name)}-t{trial.number:05d}"
         trial.set_user_attr("method_spec", method_spec)

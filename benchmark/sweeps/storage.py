@@ -249,13 +249,17 @@ def study_rows(out: str | Path, study: str) -> pd.DataFrame:
 
 
 def gt_ratio_table(rows: pd.DataFrame, convention: str = "pet") -> pd.DataFrame:
-    """Segmenter test IoU and pseudo-mask IoU by method and gt_ratio (mean over repetitions)."""
+    """Segmenter test IoU and pseudo-mask IoU by method and gt_ratio (mean over repetitions).
+
+    On a multi-class dataset the values are the dataset-level mIoU (rows ``multiclass``).
+    """
     if rows.empty:
         return pd.DataFrame()
+    binary = (rows["convention"] == convention) & (rows["metric"] == "iou")
+    multi = (rows["convention"] == "multiclass") & (rows["metric"] == "miou")
     sel = rows[
-        (rows["convention"] == convention)
+        (binary | multi)
         & (rows["aggregation"] == "dataset")
-        & (rows["metric"] == "iou")
         & (rows["stage"].isin(["segmenter", "pseudo"]))
     ]
     table = sel.pivot_table(

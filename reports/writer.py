@@ -1,0 +1,57 @@
+"""The report writer: collects report.md parts and writes its table and figure files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.store import atomic_write_text
+
+
+@dataclass
+class ReportWriter:
+    """Collects report.md parts and writes table and figure files."""
+
+    report_dir: Path
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def tables(self) -> Path:
+        """The folder of the table files (Markdown, LaTeX, CSV)."""
+        return self.report_dir / "tables"
+
+    @property
+    def figures(self) -> Path:
+        """The folder of the figure files (PNG, PDF)."""
+        return self.report_dir / "figures"
+
+    def section(self, title: str, *texts: str) -> None:
+        """Append a ``##`` section with its (non-empty) texts."""
+        self.parts.append(f"## {title}\n")
+        self.parts.extend(t if t.endswith("\n") else t + "\n" for t in texts if t)
+
+    def table(self, name: str, markdown: str, latex: str, frame: pd.DataFrame) -> str:
+        """Write a table as ``tables/<name>.md``, ``.tex`` and ``.csv``; its Markdown + links."""
+        atomic_write_text(self.tables / f"{name}.md", markdown)
+        atomic_write_text(self.tables / f"{name}.tex", latex)
+        if not frame.empty:
+            atomic_write_text(self.tables / f"{name}.csv", frame.to_csv())
+        return (
+            markdown
+            + f"\n[Markdown](tables/{name}.md) · [LaTeX](tables/{name}.tex)"
+            + (f" · [CSV](tables/{name}.csv)\n" if not frame.empty else "\n")
+        )
+
+    def figure(self, paths: list[Path], caption: str) -> str:
+        """Markdown showing the PNG of a saved figure, its caption and a link to the PDF."""
+        png = [p for p in paths if p.suffix == ".png"]
+        pdf = [p for p in paths if p.suffix == ".pdf"]
+        if not png:
+            return ""
+        rel = png[0].relative_to(self.report_dir).as_posix()
+        text = f"![{caption}]({rel})\n\n*{caption}*"
+        if pdf:
+            text += f" ([PDF]({pdf[0].relative_to(self.report_dir).as_posix()}))"
+        return text + "\n"
