@@ -216,9 +216,11 @@ def labelled_images(masks: np.ndarray, chunk: int = 256) -> np.ndarray:
     """Indices of the masks with at least one pixel that is not ignored (255).
 
     An all-ignored mask carries no supervision: a VOC ``train_aug`` image outside ``train``
-    has tags and no mask, so the GT-trained reference sees only the images that have one (on
-    ``synthetic-voc`` quick, 127 of 427; drawn into the batches, the others left about 30 % of
-    each batch to learn from). Read in chunks, so a memory map is never loaded whole. A mask
+    has tags and, without ``SegmentationClassAug``, no mask, so the GT-trained reference (and
+    the ``gt_ratio`` share) should see only the images that have one instead of filling batch
+    slots with nothing to learn (``synthetic-voc`` writes SegmentationClassAug for every
+    train_aug image, so there every image is kept). Read in chunks, so a memory map is never
+    loaded whole. A mask
     source that is not an array (the ``weaktr_batch`` GT rule draws each batch's masks when
     indexed) is used whole.
     """
