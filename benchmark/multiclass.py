@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +211,38 @@ def _map_labels(
         yield labels_from_scores(up[None], tag[None], threshold)[0], gt
 
 
-def _score(pairs: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> dict[str, float]:
-    """Dataset-level multi-class scores of (prediction, GT) pairs."""
-    cm = np.zeros((k, k), dtype=np.int64)
+@dataclass(frozen=True)
+class Scored:
+    """One stage's scores: dataset-level metrics and the (N, K, K) per-image confusions."""
+
+    values: dict[str, float]
+    confusions: np.ndarray
+
+
+def _score(pairs: Iterator[tuple[np.ndarray, np.ndarray]], k: int) -> Scored:
+    """Dataset-level multi-class scores of (prediction, GT) pairs, and each image's counts."""
+    per_image = []
     for pred, gt in pairs:  # accumulated image by image (memory stays one image)
-        cm += accumulate_confusion([pred], [gt], k)
-    return multiclass_metrics(cm).as_dict()
+        per_image.append(accumulate_confusion([pred], [gt], k))
+    stack = np.stack(per_image) if per_image else np.zeros((0, k, k), dtype=np.int64)
+    return Scored(multiclass_metrics(stack.sum(axis=0)).as_dict(), stack)
+
+
+def per_image_counts(
+    confusions: np.ndarray, names: list[str], class_names: list[str]
+) -> pd.DataFrame:
+    """One row per image: ``tp:<class>``, ``fp:<class>``, ``fn:<class>`` from its confusion.
+
+    These are what the report's bootstrap of the dataset-level mIoU resamples (an image's
+    counts summed over a resample give that resample's confusion diagonal and margins).
+    """
+    tp = np.diagonal(confusions, axis1=1, axis2=2)  # (N, K)
+    fp = confusions.sum(axis=1) - tp  # predicted as the class, GT another
+    fn = confusions.sum(axis=2) - tp  # GT the class, predicted another
+    data: dict[str, Any] = {"name": list(names)}
+    for j, cls in enumerate(["background", *class_names]):
+        data[f"tp:{cls}"], data[f"fp:{cls}"], data[f"fn:{cls}"] = tp[:, j], fp[:, j], fn[:, j]
+    return pd.DataFrame(data)
 
 
 def score_label_stages(
@@ -224,7 +251,7 @@ def score_label_stages(
     preds: np.ndarray,
     choice: ThresholdChoice,
     used: dict[int, np.ndarray],
-) -> dict[tuple[str, str], tuple[dict[str, float], float, str]]:
+) -> dict[tuple[str, str], tuple[Scored, float, str]]:
     """Scores of pseudo labels (train), maps (test) and the segmenter (test); see module doc."""
     k, t = bundle.dataset.num_classes + 1, choice.value
     pseudo = _map_labels(
@@ -240,14 +267,15 @@ def score_label_stages(
 
 
 def label_rows(
-    scored: dict[tuple[str, str], tuple[dict[str, float], float, str]],
+    scored: dict[tuple[str, str], tuple[Scored, float, str]],
     common: dict[str, Any],
     class_names: list[str],
 ) -> list[dict[str, Any]]:
     """Tidy rows of multi-class scores: the metric means and ``iou:<class>`` for each class."""
     names = ["background", *class_names]
     rows = []
-    for (stage, part), (values, threshold, source) in scored.items():
+    for (stage, part), (score, threshold, source) in scored.items():
+        values = score.values
         head = {**common, "threshold": threshold, "threshold_source": source}
         head.update(stage=stage, split=part, convention=MULTICLASS, aggregation="dataset")
         for metric, value in values.items():
@@ -255,6 +283,22 @@ def label_rows(
                 metric = f"iou:{names[int(metric[4:])]}"
             rows.append({**head, "metric": metric, "value": float(value)})
     return rows
+
+
+def label_per_image(
+    scored: dict[tuple[str, str], tuple[Scored, float, str]], bundle: DataBundle
+) -> list[pd.DataFrame]:
+    """Per-image class counts of every scored stage (images with a GT mask only)."""
+    frames = []
+    for (stage, part), (score, _, _) in scored.items():
+        names = [bundle.cache.names[int(i)] for i in bundle.index[part]]
+        frame = per_image_counts(score.confusions, names, bundle.class_names)
+        frame = frame[score.confusions.sum(axis=(1, 2)) > 0]  # tag-only images count nowhere
+        frame.insert(0, "convention", MULTICLASS)
+        frame.insert(0, "split", part)
+        frame.insert(0, "stage", stage)
+        frames.append(frame.reset_index(drop=True))
+    return frames
 
 
 def check_labels(masks: np.ndarray, k: int) -> None:

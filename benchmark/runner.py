@@ -386,10 +386,10 @@ class Runner:
         scored = multiclass.score_label_stages(b, maps, preds, choice, masks.used)
         rows = multiclass.label_rows(scored, common, b.class_names)
         rows.extend(stages.cost_rows(common, {**costs, **seg_costs}))
-        if choice.curve is not None:
-            stages.write_run_outputs(
-                self.out, cfg, base, run.seg_key, [], choice.curve, multiclass.MULTICLASS
-            )
+        per_image = multiclass.label_per_image(scored, b)
+        stages.write_run_outputs(
+            self.out, cfg, base, run.seg_key, per_image, choice.curve, multiclass.MULTICLASS
+        )
         return rows
 
     def _unsupported(self, method: Method, base: dict[str, Any]) -> list[dict[str, Any]] | None:

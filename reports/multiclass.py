@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.store import atomic_write_text
-from reports import figures
+from reports import figures, stats
 from reports.data import ReportData
 from reports.tables import (
     cost_table,
@@ -49,11 +49,28 @@ def has_multiclass(rows: pd.DataFrame) -> bool:
     return not rows.empty and "convention" in rows and (rows["convention"] == MULTICLASS).any()
 
 
-def multiclass_summary(rows: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
-    """mIoU, accuracy, precision and recall per method_id (mean, std over seeds)."""
+def multiclass_summary(
+    rows: pd.DataFrame, stage: str, split: str, per_image: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """mIoU, accuracy, precision and recall per method_id (mean, std over seeds).
+
+    With the runs' per-image counts, a ``miou_ci`` column holds the 95 % bootstrap interval
+    of the mIoU over images (:func:`reports.stats.bootstrap_miou_ci`).
+    """
     summary = summarize(rows, stage, split, MULTICLASS, metrics=METRICS)
     mine = rows[(rows["convention"] == MULTICLASS) & (rows["status"] != "unsupported")]
-    return with_failures(summary, mine)
+    summary = with_failures(summary, mine)
+    if per_image is not None and not per_image.empty and "stage" in per_image:
+        sel = stats.select(per_image, stage, split, MULTICLASS)
+        summary["miou_ci"] = [_ci_text(sel[sel["method_id"] == m]) for m in summary.index]
+    return summary
+
+
+def _ci_text(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return ""
+    _, low, high = stats.bootstrap_miou_ci(frame)
+    return "" if pd.isna(low) else f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def per_class_table(
@@ -76,13 +93,15 @@ def per_class_table(
     return (100 * table[order]).round(1)
 
 
-def multiclass_text(rows: pd.DataFrame) -> str:
-    """The multi-class tables as Markdown (terminal and report)."""
+def multiclass_text(rows: pd.DataFrame, per_image: pd.DataFrame | None = None) -> str:
+    """The multi-class tables as Markdown (terminal and report; intervals with per_image)."""
     parts = []
     skipped = rows[(rows["convention"] == MULTICLASS) & (rows["status"] == "unsupported")]
     for stage, split, title in TABLES:
-        summary = multiclass_summary(rows, stage, split)
-        extra = {"threshold": "bg thr."} if stage != "segmenter" else None
+        summary = multiclass_summary(rows, stage, split, per_image)
+        extra = {"threshold": "bg thr."} if stage != "segmenter" else {}
+        if "miou_ci" in summary:
+            extra["miou_ci"] = "mIoU 95 % CI"
         parts.append(f"{title} (multi-class, dataset-level, %):\n")
         parts.append(format_table(summary, metrics=METRICS, labels=LABELS, extra=extra))
     if not skipped.empty:
@@ -110,7 +129,16 @@ def write_multiclass_report(
         ``path``.
     """
     w.parts.append("# wsss-bench report (multi-class)\n")
-    w.section("Results", multiclass_text(rows))
+    per_image = data.per_image
+    if not per_image.empty and "gt_ratio" in per_image and rows["gt_ratio"].notna().any():
+        ratio = float(rows["gt_ratio"].dropna().iloc[0])
+        per_image = per_image[per_image["gt_ratio"].astype(float) == ratio]
+    w.section(
+        "Results",
+        multiclass_text(rows, per_image),
+        "95 % intervals: percentile bootstrap over the images (2,000 resamples; with several "
+        "seeds each resample draws one set of images for all seeds), of the dataset-level mIoU.",
+    )
     per_class = per_class_table(rows)
     if not per_class.empty:
         atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())

@@ -15,6 +15,7 @@ evaluator, no recomputation of predictions):
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,62 @@ def bootstrap_iou_ci(
     weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_resamples)
     weights = weights.astype(np.float64)  # (B, I): how often each image is drawn
     boot = _iou(weights @ tp.T, weights @ fp.T, weights @ fn.T)  # (B, S)
+    boot = np.nanmean(boot, axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(boot, [tail, 100 - tail])
+    return (estimate, float(low), float(high))
+
+
+def _class_counts(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S, I, K) per-class tp, fp, fn of the images present under every seed (multi-class)."""
+    classes = [c[3:] for c in frame.columns if c.startswith("tp:")]
+    seeds = sorted(frame["seed"].unique())
+    by_seed = [frame[frame["seed"] == s].drop_duplicates("name", keep="last") for s in seeds]
+    names = sorted(set.intersection(*(set(f["name"]) for f in by_seed))) if by_seed else []
+    out = []
+    for kind in ("tp", "fp", "fn"):
+        cols = [f"{kind}:{c}" for c in classes]
+        out.append(
+            np.stack([f.set_index("name").loc[names, cols].to_numpy(np.float64) for f in by_seed])
+            if names
+            else np.zeros((len(seeds), 0, len(classes)))
+        )
+    return out[0], out[1], out[2]
+
+
+def _miou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """Mean IoU over the last axis, over the classes with a non-zero union (NaN if none)."""
+    iou = _iou(tp, fp, fn)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: no class present
+        return np.nanmean(iou, axis=-1)
+
+
+def bootstrap_miou_ci(
+    frame: pd.DataFrame,
+    n_resamples: int = N_RESAMPLES,
+    level: float = LEVEL,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of the dataset-level mIoU over images (multi-class).
+
+    As :func:`bootstrap_iou_ci`, on the per-image ``tp:<class>``, ``fp:<class>``, ``fn:<class>``
+    counts of ``benchmark.multiclass``: each resample sums the drawn images' counts per class
+    (one dataset-level confusion), takes the mIoU over the classes with a non-zero union and
+    averages it over the seeds; the estimate is the mIoU the tables show.
+
+    Returns:
+        ``(estimate, low, high)``; NaN when there is no image.
+    """
+    tp, fp, fn = _class_counts(frame)  # (S, I, K)
+    n_images = tp.shape[1]
+    if n_images == 0:
+        return (np.nan, np.nan, np.nan)
+    estimate = float(np.nanmean(_miou(tp.sum(1), fp.sum(1), fn.sum(1))))
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_resamples)
+    weights = weights.astype(np.float64)  # (B, I)
+    boot = _miou(*(np.einsum("bi,sik->bsk", weights, a) for a in (tp, fp, fn)))  # (B, S)
     boot = np.nanmean(boot, axis=1)
     tail = 100 * (1 - level) / 2
     low, high = np.nanpercentile(boot, [tail, 100 - tail])

@@ -213,5 +213,68 @@ def test_report_has_mixed_supervision_and_background_curves(voc_run, tmp_path):
     mixed_csv = (out / "report" / "tables" / "mixed.csv").read_text()
     assert "centre_prior" in mixed_csv and "r0.5_mean" in mixed_csv
     assert "## Background-threshold sweeps (validation)" in text and "## Cost" in text
+    assert text.count("mIoU 95 % CI") == 3  # segmenter, pseudo masks, maps
     assert (out / "report" / "figures" / "miou_vs_background.png").is_file()
     assert (out / "report" / "figures" / "miou_vs_gt_ratio.png").is_file()
+
+
+def test_per_image_class_counts_give_the_rows_miou_and_a_bootstrap_interval(voc_run):
+    """Per-image counts are stored for every multi-class stage; summed they give the rows'
+    mIoU; the bootstrap interval brackets it and equals a plain per-resample loop."""
+    from reports.data import read_per_image_tagged
+    from reports.stats import bootstrap_miou_ci
+
+    out, _, rows = voc_run
+    per_image = read_per_image_tagged(out)
+    mine = per_image[per_image["convention"] == "multiclass"]
+    assert set(zip(mine["stage"], mine["split"])) == {
+        ("pseudo", "train"),
+        ("maps", "test"),
+        ("segmenter", "test"),
+    }
+    for method_id in ("cam", "centre_prior"):
+        sel = mine[(mine["method_id"] == method_id) & (mine["stage"] == "segmenter")]
+        stored = rows[
+            (rows["method_id"] == method_id)
+            & (rows["stage"] == "segmenter")
+            & (rows["metric"] == "miou")
+        ]["value"].item()
+        est, low, high = bootstrap_miou_ci(sel, n_resamples=200)
+        assert est == pytest.approx(stored, abs=1e-12)
+        assert low <= est <= high and low < high
+
+
+def test_bootstrap_miou_equals_a_per_resample_loop():
+    import pandas as pd
+
+    from reports.stats import bootstrap_miou_ci
+
+    rng = np.random.default_rng(3)
+    classes, n_img, seeds = ["background", "a", "b"], 6, [11, 12]
+    records = []
+    for s in seeds:
+        for i in range(n_img):
+            row = {"seed": s, "name": f"im{i}"}
+            for c in classes:
+                row[f"tp:{c}"], row[f"fp:{c}"], row[f"fn:{c}"] = rng.integers(0, 20, 3)
+            row["tp:b"] = row["fp:b"] = row["fn:b"] = 0 if i % 2 else row["tp:b"]  # often absent
+            records.append(row)
+    frame = pd.DataFrame(records)
+    est, low, high = bootstrap_miou_ci(frame, n_resamples=300, seed=5)
+    weights = np.random.default_rng(5).multinomial(n_img, [1 / n_img] * n_img, size=300)
+    boot = []
+    for w in weights:
+        per_seed = []
+        for s in seeds:
+            sub = frame[frame["seed"] == s].set_index("name").loc[[f"im{i}" for i in range(n_img)]]
+            ious = []
+            for c in classes:
+                tp, fp, fn = (
+                    float((w * sub[f"{k}:{c}"].to_numpy()).sum()) for k in ("tp", "fp", "fn")
+                )
+                if tp + fp + fn > 0:
+                    ious.append(tp / (tp + fp + fn))
+            per_seed.append(np.mean(ious))
+        boot.append(np.mean(per_seed))
+    assert (low, high) == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])), abs=1e-12)
+    assert low <= est <= high
