@@ -171,7 +171,10 @@ class Runner:
     def _key_parts(self, method: Method, seed: int) -> dict[str, Any]:
         """What, besides the method's parameters, keys a run's cached results."""
         cfg, b = self.cfg, self.bundle
+        # the boxes (XML files) are not in the dataset's fingerprint: a box method's key has them
+        boxes = {"boxes": self._boxes_digest()} if method.supervision == "box" else {}
         return {
+            **boxes,
             "data": b.dataset.fingerprint(),
             "split": b.split.sha256,
             "size": b.size,
@@ -183,6 +186,14 @@ class Runner:
             "amp": cfg.amp,
             "channels_last": cfg.channels_last,
         }
+
+    def _boxes_digest(self) -> str:
+        """sha256 of every image's boxes at the working resolution (-1 where none), once."""
+        if getattr(self, "_boxes", None) is None:
+            every = np.arange(len(self.bundle.cache.names))
+            boxes = np.nan_to_num(self.bundle.boxes(every), nan=-1.0)
+            self._boxes = bcache.stable_hash(boxes.round(3).tolist())
+        return self._boxes
 
     def locate_fit(self, method: Method, repetition: int) -> tuple[int, Path]:
         """The seed and the stage folder of ``method``'s fit in repetition ``repetition``.

@@ -99,3 +99,25 @@ def test_box_supervised_rows_are_listed_apart_and_never_ranked(tmp_path):
     lines = table.splitlines()
     box_rule = lines.index(next(ln for ln in lines if "box-supervised" in ln))
     assert "box_prior" in lines[box_rule + 1] and "**" not in lines[box_rule + 1]
+
+
+def test_an_edited_box_file_changes_the_box_methods_key_only(tmp_path):
+    """Boxes are not in the dataset fingerprint: a box method's run key holds their digest,
+    so editing an XML never reuses box_prior's cached maps (and leaves cam's key alone)."""
+    from benchmark.runner import RunSpec
+
+    cfg = RunConfig(methods=["box_prior", "cam"], preset="tiny", out=str(tmp_path), device="cpu",
+                    report=False).validate()  # fmt: skip
+
+    def keys() -> dict[str, str]:
+        runner = Runner(cfg)
+        return {m: runner.open_run(RunSpec(m, 0)).base["run_key"] for m in ("box_prior", "cam")}
+
+    before = keys()
+    xml = sorted((tmp_path / "data").rglob("xmls/*.xml"))[0]
+    text = xml.read_text()
+    start = text.index("<xmin>") + len("<xmin>")
+    end = text.index("</xmin>")
+    xml.write_text(text[:start] + str(int(text[start:end]) + 3) + text[end:])
+    after = keys()
+    assert after["cam"] == before["cam"] and after["box_prior"] != before["box_prior"]
