@@ -136,3 +136,18 @@ def test_pretrained_backbone_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     with pytest.raises(PretrainedWeightsError, match="pretrained_backbone=False"):
         build_segmenter(make_segmenter_config("paper"))
+
+
+def test_multiclass_unet_uses_its_own_decoder_widths():
+    """quick's narrow decoder (8 channels last) is for the binary task; with C + 1 > 2 classes
+    the U-Net takes ``unet_multiclass_decoder_channels``."""
+    cfg = make_segmenter_config("quick", pretrained_backbone=False)
+    assert cfg.unet_multiclass_decoder_channels == (256, 128, 64, 32, 16)
+
+    def head_in(k: int) -> int:
+        return build_segmenter(cfg, num_classes=k).net.segmentation_head[0].in_channels
+
+    assert head_in(2) == 8 and head_in(7) == 16
+    plain = make_segmenter_config("quick", pretrained_backbone=False,
+                                  unet_multiclass_decoder_channels=None)  # fmt: skip
+    assert build_segmenter(plain, num_classes=7).net.segmentation_head[0].in_channels == 8
