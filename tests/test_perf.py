@@ -250,3 +250,27 @@ def test_harness_imports_no_entry():
         elif isinstance(node, ast.ImportFrom):
             imported |= {f"{node.module}.{alias.name}" for alias in node.names}
     assert not [m for m in imported if m.startswith("benchmark.perf")], imported
+
+
+def test_best_pair_interleaves_and_repeats_the_faster_one():
+    """Ours and the baseline alternate; the faster is called about slow/fast times per round,
+    so both get similar timed seconds; each one's best call is returned."""
+    import time
+
+    from benchmark.perf.harness import best_pair
+
+    calls: list[str] = []
+
+    def fast() -> None:
+        calls.append("f")
+        time.sleep(0.001)
+
+    def slow() -> None:
+        calls.append("s")
+        time.sleep(0.008)
+
+    ours_s, base_s = best_pair(fast, slow, rounds=3, min_total=0.0)
+    assert 0.001 <= ours_s < 0.008 <= base_s
+    rounds = "".join(calls[4:]).split("s")  # after the warm-up and the first timed pair
+    assert calls[:4] == ["f", "s", "f", "s"] and len(rounds) >= 4
+    assert all(2 <= len(r) <= 8 for r in rounds[:3])  # several fast calls between slow ones

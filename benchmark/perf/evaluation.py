@@ -55,7 +55,7 @@ def _threshold_sweep(options: PerfOptions) -> dict[str, Any]:
     same = all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("tp", "fp", "fn", "tn"))
     if not same:
         raise RuntimeError("one-pass sweep and naive loop disagree: refusing to time them")
-    ours_s, base_s = best_pair(ours, baseline, min_total=0.0 if options.smoke else 1.0)
+    ours_s, base_s = best_pair(ours, baseline, rounds=2 if options.smoke else 5)
     return {
         "ours_s": ours_s,
         "baseline_s": base_s,
@@ -119,7 +119,7 @@ def _confusion_entry(
         for p, g in zip(preds, gts):
             baseline_fn(p, g)
 
-    ours_s, base_s = best_pair(ours, baseline, min_total=0.0 if smoke else 1.0)
+    ours_s, base_s = best_pair(ours, baseline, rounds=2 if smoke else 5)
     pixels = n * size * size
     return {
         "ours_s": ours_s,
@@ -180,7 +180,7 @@ def _image_cache(options: PerfOptions) -> dict[str, Any]:
         ours_s, base_s = best_pair(
             lambda: dcache.read_epoch_cache(cache),
             lambda: dcache.read_epoch_pil(ds, names, size),
-            min_total=0.0 if options.smoke else 1.0,
+            rounds=2 if options.smoke else 5,
         )
     n = len(names)
     return {

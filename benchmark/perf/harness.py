@@ -1,9 +1,9 @@
 """The perf harness: entry registry, options, timing helpers, the run and its table.
 
 Each entry runs OUR code and a BASELINE on the same inputs, in the same process: one warm-up
-call each, then the two called in turn, each one's best of at least 5 timed calls, more until
-the slower has spent 1 s (``time.perf_counter``; :func:`best_pair`; entries with their own
-schedule say so in their note). The ratio is
+call each, then the two called in turn for 5 rounds, the faster one as many times per round as
+fit in one call of the slower (``time.perf_counter``; :func:`best_pair`: each one's best call;
+entries with their own schedule say so in their note). The ratio is
 ``baseline_s / ours_s`` (a speed-up; > 1 means ours is faster). Entries live in a small registry
 (:func:`register_entry`), so new hot paths are one decorated function away. Results are
 measurements of this machine (CPU model and torch threads are printed with them), never
@@ -138,8 +138,8 @@ def best_times_interleaved(
     Args:
         fns: name -> zero-argument callable.
         rounds: timed rounds (each calls every function once).
-        min_total: keep going (up to ``4 * rounds``) until the slowest function has spent this
-            many seconds in timed calls.
+        min_total: keep going (up to ``4 * rounds``) until every function has spent this many
+            seconds in timed calls.
 
     Returns:
         name -> smallest ``time.perf_counter`` difference.
@@ -163,21 +163,41 @@ def best_pair(
     ours: Callable[[], Any],
     baseline: Callable[[], Any],
     rounds: int = 5,
-    min_total: float = 1.0,
+    min_total: float = 0.5,
 ) -> tuple[float, float]:
     """Best wall times of ``ours`` and ``baseline``, timed in turn (interleaved).
 
     On a shared 2-core machine two sequential best-of-3 timings moved ratios by 20-50 % between
-    runs minutes apart; alternating the two and keeping each one's best over at least
-    ``rounds`` calls and ``min_total`` seconds lets a slow spell hit both.
+    runs minutes apart; alternating the two lets a slow spell hit both. Each round calls the
+    faster one as many times as fit in one call of the slower (at most 50), so both get about
+    the same timed seconds and the fast one enough samples for its best to hold still. Rounds
+    go on (up to 200) until each has spent ``min_total`` seconds, for millisecond-scale pairs.
 
     Returns:
-        ``(ours_s, baseline_s)``.
+        ``(ours_s, baseline_s)``: each one's best single call.
     """
-    times = best_times_interleaved(
-        {"ours": ours, "baseline": baseline}, rounds=rounds, min_total=min_total
-    )
-    return times["ours"], times["baseline"]
+    ours(), baseline()  # warm-up
+    best = {"ours": math.inf, "baseline": math.inf}
+    spent = {"ours": 0.0, "baseline": 0.0}
+
+    def timed(name: str, fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        best[name], spent[name] = min(best[name], elapsed), spent[name] + elapsed
+        return elapsed
+
+    first_o, first_b = timed("ours", ours), timed("baseline", baseline)
+    reps_o = max(1, min(50, int(first_b / max(first_o, 1e-9))))
+    reps_b = max(1, min(50, int(first_o / max(first_b, 1e-9))))
+    done = 0
+    while done < rounds or (min(spent.values()) < min_total and done < 200):
+        for _ in range(reps_o):
+            timed("ours", ours)
+        for _ in range(reps_b):
+            timed("baseline", baseline)
+        done += 1
+    return best["ours"], best["baseline"]
 
 
 def device_info() -> dict[str, Any]:
@@ -370,8 +390,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {dev['cpu']} ({dev['cpu_count']} cores), torch threads "
         f"{dev.get('torch_threads')}, numpy {dev['numpy']}"
         + ("  [smoke sizes]" if result.get("smoke") else ""),
-        "ratio = baseline time / our time; ours and the baseline timed in turn, each one's "
-        "best of >= 5 calls (more until 1 s) after one warm-up, unless the note says otherwise",
+        "ratio = baseline time / our time; ours and the baseline timed in turn (5 rounds, the "
+        "faster one repeated to match the slower), each one's best call, after one warm-up",
         "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
         "  ".join("-" * w for w in widths),
     ]
