@@ -6,7 +6,8 @@ The package, layered so that nothing imports upwards:
   :class:`Unavailable`, :func:`run_perf` and the table; it imports no entry.
 - entry modules, each importing only the harness and registering itself:
   :mod:`~benchmark.perf.evaluation` (threshold sweep, confusion matrices, image cache),
-  :mod:`~benchmark.perf.entries` (CAM, FineCAM, dense CRF, random walk, scale) and
+  :mod:`~benchmark.perf.entries` (CAM, FineCAM, dense CRF, random walk),
+  :mod:`~benchmark.perf.scale` (the whole pipeline at 1x and 4x images) and
   :mod:`~benchmark.perf.stages` (every method's training stages and maps);
 - :mod:`benchmark.perf.cli`: imports the harness and the entries, reads the command line into
   one :class:`PerfOptions` and passes it to every entry.

@@ -21,6 +21,9 @@ import benchmark.perf.evaluation  # noqa: F401
 import benchmark.perf.entries  # noqa: F401
 
 # isort: split
+import benchmark.perf.scale  # noqa: F401
+
+# isort: split
 import benchmark.perf.stages  # noqa: F401
 
 logger = logging.getLogger(__name__)
