@@ -25,11 +25,10 @@ from reports.tables import (
     failed_runs,
     format_table,
     frame_table,
-    mixed_table,
     summarize,
     with_failures,
 )
-from reports.writer import ReportWriter
+from reports.writer import ReportWriter, mixed_section
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ def write_multiclass_report(
         atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())
     ids = sorted(str(m) for m in data.rows["method_id"].dropna().unique())
     palette = figures.method_palette(ids)
-    _mixed_section(w, data.rows, palette)
+    mixed_section(w, data.rows, palette, "miou", MULTICLASS)
     _curves_section(w, data.curves, rows, palette)
     cost = cost_table(rows)
     if not cost.empty:
@@ -163,35 +162,6 @@ def write_multiclass_report(
     atomic_write_text(path, "\n".join(w.parts))
     logger.info("report written to %s", path)
     return path
-
-
-def _mixed_section(w: ReportWriter, rows: pd.DataFrame, palette: dict) -> None:
-    """Segmenter test mIoU by share of GT masks (several ``--gt-ratio`` runs), table + lines."""
-    summary, keys = mixed_table(rows, "miou", MULTICLASS)
-    if summary.empty:
-        w.section(
-            "Mixed supervision",
-            "Only one gt_ratio was run, so there is no mixed-supervision table; run with "
-            "several `--gt-ratio` values to fill it.\n",
-        )
-        return
-    labels = {k: f"gt {k[1:]}" for k in keys}
-    md = format_table(summary, metrics=tuple(keys), labels=labels)
-    tex = format_table(summary, metrics=tuple(keys), style="latex", labels=labels)
-    w.section(
-        "Mixed supervision (segmenter test mIoU by share of GT masks, %)",
-        w.table("mixed", md, tex, summary),
-    )
-    sel = rows[
-        rows["status"].isin(["done", "budget"])
-        & (rows["stage"] == "segmenter")
-        & (rows["split"] == "test")
-        & (rows["convention"] == MULTICLASS)
-        & (rows["metric"] == "miou")
-    ]
-    points = sel[["method_id", "gt_ratio", "seed", "value"]]
-    paths = figures.ratio_lines(points, w.figures / "miou_vs_gt_ratio", "miou", palette)
-    w.parts.append(w.figure(paths, "Test mIoU against the share of GT masks; band: std."))
 
 
 def _curves_section(

@@ -36,14 +36,13 @@ from reports.tables import (
     format_table,
     frame_table,
     is_all_foreground,
-    mixed_table,
     present_metrics,
     primary_ratio,
     pseudo_thresholds,
     summarize,
     with_failures,
 )
-from reports.writer import ReportWriter
+from reports.writer import ReportWriter, mixed_section
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def build_report(data: ReportData, report_dir: Path) -> Path:
     w.section("Setup", _setup(data.rows, per_image))
     w.section("Reading", _reading(main, sig, cost))
     _main_sections(w, rows, main, sig, ratio, palette, per_image)
-    _mixed_section(w, data.rows, palette)
+    mixed_section(w, data.rows, palette, "iou", CONVENTION)
     _conventions_section(w, rows, per_image)
     _cost_section(w, main, cost, palette)
     _curves_section(w, data, rows, palette)
@@ -256,37 +255,6 @@ def _footnote(sig: stats.Significance, marks: dict[str, str]) -> str:
     if not marks:
         text += " Every other row differs significantly from the best."
     return text + "\n"
-
-
-def _mixed_section(w: ReportWriter, rows: pd.DataFrame, palette: dict) -> None:
-    summary, keys = mixed_table(rows, "iou", CONVENTION)
-    if summary.empty:
-        ratios = sorted(rows["gt_ratio"].dropna().unique()) if "gt_ratio" in rows else []
-        only = f" ({ratios[0]:g})" if ratios else ""
-        w.section(
-            "Mixed supervision",
-            f"Only one gt_ratio{only} was run, so there is no mixed-supervision table; run "
-            "with several `--gt-ratio` values to fill it.\n",
-        )
-        return
-    labels = {k: f"gt {k[1:]}" for k in keys}
-    md = format_table(summary, metrics=tuple(keys), labels=labels)
-    tex = format_table(summary, metrics=tuple(keys), style="latex", labels=labels)
-    w.section(
-        "Mixed supervision (segmenter test IoU by share of GT masks, %)",
-        w.table("mixed", md, tex, summary),
-    )
-    sel = rows[
-        rows["status"].isin(["done", "budget"])
-        & (rows["stage"] == "segmenter")
-        & (rows["split"] == "test")
-        & (rows["convention"] == CONVENTION)
-        & (rows["aggregation"] == "dataset")
-        & (rows["metric"] == "iou")
-    ]
-    points = sel[["method_id", "gt_ratio", "seed", "value"]]
-    paths = figures.ratio_lines(points, w.figures / "iou_vs_gt_ratio", palette=palette)
-    w.parts.append(w.figure(paths, "Test IoU against the share of GT masks; band: std."))
 
 
 def _conventions_section(w: ReportWriter, rows: pd.DataFrame, per_image: pd.DataFrame) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.store import atomic_write_text
+from reports import figures
+from reports.tables import METRIC_LABEL, format_table, mixed_table
 
 
 @dataclass
@@ -55,3 +57,42 @@ class ReportWriter:
         if pdf:
             text += f" ([PDF]({pdf[0].relative_to(self.report_dir).as_posix()}))"
         return text + "\n"
+
+
+def mixed_section(
+    w: ReportWriter, rows: pd.DataFrame, palette: dict, metric: str, convention: str
+) -> None:
+    """The mixed-supervision section: segmenter test ``metric`` by share of GT masks.
+
+    A table and a line figure from several ``--gt-ratio`` runs, or a sentence saying that only
+    one gt_ratio was run.
+    """
+    summary, keys = mixed_table(rows, metric, convention)
+    if summary.empty:
+        ratios = sorted(rows["gt_ratio"].dropna().unique()) if "gt_ratio" in rows else []
+        only = f" ({ratios[0]:g})" if ratios else ""
+        w.section(
+            "Mixed supervision",
+            f"Only one gt_ratio{only} was run, so there is no mixed-supervision table; run "
+            "with several `--gt-ratio` values to fill it.\n",
+        )
+        return
+    name = METRIC_LABEL.get(metric, metric)
+    labels = {k: f"gt {k[1:]}" for k in keys}
+    md = format_table(summary, metrics=tuple(keys), labels=labels)
+    tex = format_table(summary, metrics=tuple(keys), style="latex", labels=labels)
+    w.section(
+        f"Mixed supervision (segmenter test {name} by share of GT masks, %)",
+        w.table("mixed", md, tex, summary),
+    )
+    sel = rows[
+        rows["status"].isin(["done", "budget"])
+        & (rows["stage"] == "segmenter")
+        & (rows["split"] == "test")
+        & (rows["convention"] == convention)
+        & (rows["aggregation"] == "dataset")
+        & (rows["metric"] == metric)
+    ]
+    points = sel[["method_id", "gt_ratio", "seed", "value"]]
+    paths = figures.ratio_lines(points, w.figures / f"{metric}_vs_gt_ratio", metric, palette)
+    w.parts.append(w.figure(paths, f"Test {name} against the share of GT masks; band: std."))
