@@ -28,7 +28,7 @@ from reports.tables import (
     summarize,
     with_failures,
 )
-from reports.writer import ReportWriter, mixed_section
+from reports.writer import ReportWriter, cost_section, mixed_section
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +145,7 @@ def write_multiclass_report(
     palette = figures.method_palette(ids)
     mixed_section(w, data.rows, palette, "miou", MULTICLASS)
     _curves_section(w, data.curves, rows, palette)
-    cost = cost_table(rows)
-    if not cost.empty:
-        w.section(
-            "Cost (wall seconds per stage, mean over seeds; device seconds; peak memory in MB)",
-            w.table(
-                "cost",
-                frame_table(cost, index_label="method_id"),
-                frame_table(cost, style="latex", index_label="method_id"),
-                cost,
-            ),
-        )
+    cost_section(w, cost_table(rows))
     bad = failed_runs(rows)
     if not bad.empty:
         w.section("Failed runs", frame_table(bad.set_index("method_id"), index_label="method_id"))

@@ -42,7 +42,7 @@ from reports.tables import (
     summarize,
     with_failures,
 )
-from reports.writer import ReportWriter, mixed_section
+from reports.writer import ReportWriter, cost_section, mixed_section
 
 logger = logging.getLogger(__name__)
 
@@ -282,15 +282,7 @@ def _conventions_section(w: ReportWriter, rows: pd.DataFrame, per_image: pd.Data
 def _cost_section(w: ReportWriter, main: pd.DataFrame, cost: pd.DataFrame, palette: dict) -> None:
     if cost.empty:
         return
-    w.section(
-        "Cost (wall seconds per stage, mean over seeds; device seconds; peak memory in MB)",
-        w.table(
-            "cost",
-            frame_table(cost, index_label="method_id"),
-            frame_table(cost, style="latex", index_label="method_id"),
-            cost,
-        ),
-    )
+    cost_section(w, cost)
     if "iou_mean" not in main:
         return
     points = pd.DataFrame(

@@ -9,7 +9,7 @@ import pandas as pd
 
 from benchmark.store import atomic_write_text
 from reports import figures
-from reports.tables import METRIC_LABEL, format_table, mixed_table
+from reports.tables import METRIC_LABEL, format_table, frame_table, mixed_table
 
 
 @dataclass
@@ -96,3 +96,18 @@ def mixed_section(
     points = sel[["method_id", "gt_ratio", "seed", "value"]]
     paths = figures.ratio_lines(points, w.figures / f"{metric}_vs_gt_ratio", metric, palette)
     w.parts.append(w.figure(paths, f"Test {name} against the share of GT masks; band: std."))
+
+
+def cost_section(w: ReportWriter, cost: pd.DataFrame) -> None:
+    """The cost table (wall seconds per stage, device seconds, peak memory), if any."""
+    if cost.empty:
+        return
+    w.section(
+        "Cost (wall seconds per stage, mean over seeds; device seconds; peak memory in MB)",
+        w.table(
+            "cost",
+            frame_table(cost, index_label="method_id"),
+            frame_table(cost, style="latex", index_label="method_id"),
+            cost,
+        ),
+    )
