@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.store import atomic_write_text
-from reports import figures, stats
 from reports.data import ReportData
+from reports.figures import method_palette, threshold_curves
+from reports.stats import bootstrap_miou_ci, select
 from reports.tables import (
     cost_table,
     failed_runs,
@@ -54,13 +55,13 @@ def multiclass_summary(
     """mIoU, accuracy, precision and recall per method_id (mean, std over seeds).
 
     With the runs' per-image counts, a ``miou_ci`` column holds the 95 % bootstrap interval
-    of the mIoU over images (:func:`reports.stats.bootstrap_miou_ci`).
+    of the mIoU over images (:func:`reports.bootstrap_miou_ci`).
     """
     summary = summarize(rows, stage, split, MULTICLASS, metrics=METRICS)
     mine = rows[(rows["convention"] == MULTICLASS) & (rows["status"] != "unsupported")]
     summary = with_failures(summary, mine)
     if per_image is not None and not per_image.empty and "stage" in per_image:
-        sel = stats.select(per_image, stage, split, MULTICLASS)
+        sel = select(per_image, stage, split, MULTICLASS)
         summary["miou_ci"] = [_ci_text(sel[sel["method_id"] == m]) for m in summary.index]
     return summary
 
@@ -68,7 +69,7 @@ def multiclass_summary(
 def _ci_text(frame: pd.DataFrame) -> str:
     if frame.empty:
         return ""
-    _, low, high = stats.bootstrap_miou_ci(frame)
+    _, low, high = bootstrap_miou_ci(frame)
     return "" if pd.isna(low) else f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
@@ -142,7 +143,7 @@ def write_multiclass_report(
     if not per_class.empty:
         atomic_write_text(w.tables / "per_class_iou.csv", per_class.to_csv())
     ids = sorted(str(m) for m in data.rows["method_id"].dropna().unique())
-    palette = figures.method_palette(ids)
+    palette = method_palette(ids)
     mixed_section(w, data.rows, palette, "miou", MULTICLASS)
     _curves_section(w, data.curves, rows, palette)
     cost_section(w, cost_table(rows))
@@ -165,7 +166,7 @@ def _curves_section(
         return
     chosen = summarize(rows, "pseudo", "train", MULTICLASS, metrics=("miou",))
     thresholds = chosen["threshold"].to_dict() if "threshold" in chosen else {}
-    paths = figures.threshold_curves(
+    paths = threshold_curves(
         curves,
         w.figures / "miou_vs_background",
         chosen=thresholds,

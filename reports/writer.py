@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.store import atomic_write_text
-from reports import figures
+from reports.figures import ratio_lines
 from reports.tables import METRIC_LABEL, format_table, frame_table, mixed_table
 
 
@@ -94,7 +94,7 @@ def mixed_section(
         & (rows["metric"] == metric)
     ]
     points = sel[["method_id", "gt_ratio", "seed", "value"]]
-    paths = figures.ratio_lines(points, w.figures / f"{metric}_vs_gt_ratio", metric, palette)
+    paths = ratio_lines(points, w.figures / f"{metric}_vs_gt_ratio", metric, palette)
     w.parts.append(w.figure(paths, f"Test {name} against the share of GT masks; band: std."))
 
 
