@@ -170,7 +170,7 @@ def _cam_extraction(options: PerfOptions) -> dict[str, Any]:
     from methods.common.cam import tta_maps
     from methods.common.data import place, seeded
 
-    batch, size, rounds = (4, 64, 2) if smoke else (32, 128, 5)
+    batch, size, rounds = (4, 64, 2) if smoke else (32, 128, 4)
     with seeded(0):
         net = CAMNet("resnet18", 4, pretrained=False, output_stride=16).eval()
         x = torch.randn(batch, 3, size, size)
@@ -381,7 +381,7 @@ def _dense_crf(options: PerfOptions) -> dict[str, Any]:
 
     if not all(np.array_equal(a, b) for a, b in zip(ours(), serial())):
         raise RuntimeError("parallel and serial CRF differ: refusing to time them")
-    ours_s, base_s = best_pair(ours, serial, rounds=2 if options.smoke else 4)
+    ours_s, base_s = best_pair(ours, serial, rounds=2 if options.smoke else 3)
     return {
         "ours_s": ours_s,
         "baseline_s": base_s,

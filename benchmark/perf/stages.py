@@ -175,7 +175,7 @@ def _stages(opts: PerfOptions) -> dict[str, Any]:
 
     smoke = opts.smoke
     preset = "tiny" if smoke else opts.preset
-    n = opts.stage_images or (16 if smoke else 48)
+    n = opts.stage_images or (16 if smoke else 32)
     size = PRESET_IMAGE_SIZE[preset]
     device = torch.device(opts.device)
     names = (*stage_methods(), "segmenter")
