@@ -131,6 +131,32 @@ class ImageSet:
             for i in range(0, len(self), batch_size)
         ]
 
+    def check(self, owner: str, what: str) -> None:
+        """Raise ValueError (naming ``owner`` and ``what``) unless images and labels are valid.
+
+        Valid: uint8 (N, H, W, 3) images; (N,) class indices in [0, C) or (N, C) tags of 0 and 1;
+        at most 254 classes (pseudo labels are uint8 with 255 = ignore).
+        """
+        images, labels, c = self.images, np.asarray(self.labels), self.num_classes
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"{owner}: {what} images must be uint8 (N, H, W, 3), got {images.dtype} "
+                f"{images.shape}"
+            )
+        if labels.ndim not in (1, 2) or len(labels) != images.shape[0]:
+            raise ValueError(
+                f"{owner}: {what} labels must be (N,) class indices or (N, C) multi-hot tags, "
+                f"got shape {labels.shape}"
+            )
+        if labels.ndim == 2 and (labels.shape[1] != c or not np.isin(labels, (0, 1)).all()):
+            raise ValueError(f"{owner}: {what} tags must be (N, {c}) of 0 and 1")
+        if labels.ndim == 1 and len(labels) and (labels.min() < 0 or labels.max() >= c):
+            raise ValueError(
+                f"{owner}: {what} labels must lie in [0, {c}), got [{labels.min()}, {labels.max()}]"
+            )
+        if c >= 255:
+            raise ValueError(f"{owner}: at most 254 classes (uint8 pseudo labels, 255 = ignore)")
+
 
 @dataclass
 class Context:

@@ -194,26 +194,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def _check_imageset(data: ImageSet, what: str) -> None:
-    images, labels = data.images, np.asarray(data.labels)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"weaktr: {what} images must be uint8 (N, H, W, 3), got {images.shape}")
-    if labels.ndim not in (1, 2) or len(labels) != images.shape[0]:
-        raise ValueError(
-            f"weaktr: {what} labels must be (N,) class indices or (N, C) multi-hot tags, got "
-            f"shape {labels.shape}"
-        )
-    if labels.ndim == 2:
-        if labels.shape[1] != data.num_classes or not np.isin(labels, (0, 1)).all():
-            raise ValueError(
-                f"weaktr: {what} tags must be (N, {data.num_classes}) with values 0 or 1"
-            )
-    elif len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
-        raise ValueError(f"weaktr: {what} labels must lie in [0, {data.num_classes})")
-    if data.num_classes >= 255:
-        raise ValueError("weaktr: at most 254 classes (pseudo labels are uint8, 255 = ignore)")
-
-
 @register_method
 class WeakTr(Method):
     """Class-token ViT + learned attention fusion CAMs, then a gradient-clipping segmenter."""
@@ -318,7 +298,7 @@ class WeakTr(Method):
     # ---- fit ---------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:
         """Phase 1 (stage ``cam_net``), then Phase 2 on its CAM labels (stage ``segmenter``)."""
-        _check_imageset(train, "train")
+        train.check(self.name, "train")
         if len(train) == 0:
             raise ValueError("weaktr.fit: the train set is empty")
         if train.num_classes < 2:
@@ -528,7 +508,7 @@ class WeakTr(Method):
     def localize(self, batch: ImageSet, ctx: Context) -> np.ndarray:
         """Phase-1 fine CAM of each image's label class, (N, 1, h, w) float32 in [0, 1]."""
         self._require_fit()
-        _check_imageset(batch, "batch")
+        batch.check(self.name, "batch")
         return self._cams(batch, ctx)
 
     @torch.no_grad()

@@ -120,6 +120,7 @@ from methods.common.vit import (
 logger = logging.getLogger(__name__)
 
 MAP_OPTIONS = ("loss", "decoder", "finecam")
+FINECAM_PARTS = ("both", "attention", "coarse")  # A~ * C~ | A~ alone | C~ alone (ablation)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,8 @@ class Config:
     clip_window: int = 120  # gradient-clipping window in px at 224 px (scaled with img_size)
     clip_tau: float = 1.2  # keep pixels with g <= tau * max(window mean, image mean)
     map: str = "loss"  # loss (original pseudo masks) | decoder (sigmoid) | finecam (no decoder)
+    # ablation with map=finecam: both = FineCAM; attention = A~ alone; coarse = C~ alone
+    finecam_part: str = "both"
     faithful: bool = False  # reproduce the original's quirks (predicted class, no clamp, ...)
     infer_batch_size: int = 64  # images per forward pass in localize/refine
 
@@ -167,6 +170,14 @@ class Config:
             )
         if self.map not in MAP_OPTIONS:
             raise ValueError(f"map must be one of {MAP_OPTIONS}, got {self.map!r}")
+        if self.finecam_part not in FINECAM_PARTS or (
+            self.finecam_part != "both" and self.map != "finecam"
+        ):
+            raise ValueError(
+                f"finecam_part must be one of {FINECAM_PARTS}, and other than 'both' only with "
+                f"map=finecam (the decoder trains on the full FineCAM); got "
+                f"{self.finecam_part!r} with map={self.map!r}"
+            )
         patch = self.vit_patch or 16
         if self.img_size < patch or self.img_size % patch:
             raise ValueError(
@@ -218,6 +229,7 @@ def fine_cam(
     size: tuple[int, int],
     clamp: bool = True,
     roundtrip_size: tuple[int, int] | None = None,
+    part: str = "both",
 ) -> torch.Tensor:
     """FineCAM of one class per image, or of every class, batched.
 
@@ -230,6 +242,8 @@ def fine_cam(
         clamp: clamp the result to [0, 1] (the original does not).
         roundtrip_size: if given, upsample the coarse CAM to this size and back to the grid
             first (the original's quirk; ``faithful`` only).
+        part: ``both`` (FineCAM, A~ * C~), or one factor alone for the ablation:
+            ``attention`` (A~, the same for every class) or ``coarse`` (C~).
 
     Returns:
         (N, 1, h, w) float maps, or (N, C, h, w) with ``classes=None``.
@@ -252,7 +266,8 @@ def fine_cam(
     if roundtrip_size is not None:
         coarse = resize(resize(coarse, roundtrip_size), out.grid)
     coarse = minmax_shift(coarse.flatten(0, 1).flatten(1)).reshape(n, k, -1)  # (N, K, P)
-    cam = (attn[:, None] * coarse).reshape(n, k, *out.grid)  # (N, K, gh, gw)
+    factors = {"both": attn[:, None] * coarse, "attention": attn[:, None].expand_as(coarse)}
+    cam = factors.get(part, coarse).reshape(n, k, *out.grid)  # (N, K, gh, gw)
     cam = resize(cam, size)
     return cam.clamp(0.0, 1.0) if clamp else cam
 
@@ -264,7 +279,9 @@ class WeakTRRefinery(Method):
 
     name: ClassVar[str] = "weaktr_refinery"
     multilabel: ClassVar[bool] = True
-    inference_fields: ClassVar[frozenset[str]] = frozenset({"map", "infer_batch_size"})
+    inference_fields: ClassVar[frozenset[str]] = frozenset(
+        {"map", "finecam_part", "infer_batch_size"}
+    )
     Config: ClassVar[type] = Config
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "paper": {},
@@ -346,13 +363,14 @@ class WeakTRRefinery(Method):
             size,
             clamp=not cfg.faithful,
             roundtrip_size=size if cfg.faithful else None,
+            part=cfg.finecam_part,
         )
         return cams if classes is not None else tagged_only(cams, labels)
 
     # ---- fit ------------------------------------------------------------------------------
     def fit(self, train: ImageSet, ctx: Context) -> None:
         """Train the ViT classifier, then (unless ``map=finecam``) the decoder."""
-        _check_imageset(train, "train")
+        train.check(self.name, "train")
         cfg = self.config
         device = torch.device(ctx.device)
         state = ctx.stage("classifier", lambda: self._train_classifier(train, ctx))
@@ -494,7 +512,7 @@ class WeakTRRefinery(Method):
         On a multi-label set: the FineCAM of every class, (N, C, h, w), untagged classes zero.
         """
         self._require_fit()
-        _check_imageset(batch, "batch")
+        batch.check(self.name, "batch")
         device = torch.device(ctx.device)
         h, w = batch.images.shape[1:3]
         maps = []
@@ -557,28 +575,3 @@ class WeakTRRefinery(Method):
 def _channels(data: ImageSet) -> int:
     """Map channels (and decoder outputs): C on a multi-label set, else 1 (the label class)."""
     return data.num_classes if data.multilabel else 1
-
-
-def _check_imageset(data: ImageSet, what: str) -> None:
-    images = data.images
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(
-            f"weaktr_refinery: {what} images must be uint8 (N, H, W, 3), got "
-            f"{images.dtype} {images.shape}"
-        )
-    labels = np.asarray(data.labels)
-    if labels.ndim not in (1, 2) or len(labels) != images.shape[0]:
-        raise ValueError(
-            f"weaktr_refinery: {what} labels must be (N,) class indices or (N, C) multi-hot "
-            f"tags, got shape {labels.shape}"
-        )
-    if labels.ndim == 2:
-        if labels.shape[1] != data.num_classes or not np.isin(labels, (0, 1)).all():
-            raise ValueError(
-                f"weaktr_refinery: {what} tags must be (N, {data.num_classes}) of 0 and 1"
-            )
-    elif len(labels) and (labels.min() < 0 or labels.max() >= data.num_classes):
-        raise ValueError(
-            f"weaktr_refinery: {what} labels must lie in [0, {data.num_classes}), got "
-            f"[{labels.min()}, {labels.max()}]"
-        )

@@ -13,7 +13,7 @@ from methods.base import Context, ImageSet, create_method, list_methods
 from methods.common.data import to_tensor
 from methods.common.refinery_decoder import clip_keep_mask, clip_window_size, clipped_bce
 from methods.common.vit import build_vit, vit_forward_with_attention
-from methods.weaktr_refinery import MAP_OPTIONS, fine_cam
+from methods.weaktr_refinery import FINECAM_PARTS, MAP_OPTIONS, fine_cam
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -167,6 +167,32 @@ def test_finecam_uses_the_requested_class() -> None:
         a = fine_cam(out, model.head.weight, torch.tensor([0]), (64, 64))
         b = fine_cam(out, model.head.weight, torch.tensor([1]), (64, 64))
     assert not torch.allclose(a, b)
+
+
+def test_finecam_parts_are_its_two_factors() -> None:
+    """The ablation's factors: A~ (one map for every class) times C~ is FineCAM, on the grid."""
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = vit_forward_with_attention(model, x)
+        parts = {
+            part: fine_cam(out, model.head.weight, None, out.grid, clamp=False, part=part)
+            for part in FINECAM_PARTS
+        }
+    torch.testing.assert_close(parts["attention"] * parts["coarse"], parts["both"])
+    torch.testing.assert_close(parts["attention"][:, :1].expand(-1, 3, -1, -1), parts["attention"])
+    assert not torch.allclose(parts["coarse"][:, 0], parts["coarse"][:, 1])
+
+
+def test_finecam_part_is_an_inference_option_of_map_finecam_only() -> None:
+    both = create_method("weaktr_refinery[map=finecam]", "tiny")
+    coarse = create_method("weaktr_refinery[map=finecam,finecam_part=coarse]", "tiny")
+    assert coarse.fit_identity() == both.fit_identity()  # the classifier is shared
+    assert coarse.identity() != both.identity()
+    with pytest.raises(ValueError, match="only with map=finecam"):
+        create_method("weaktr_refinery[finecam_part=attention]", "tiny")
+    with pytest.raises(ValueError, match="finecam_part must be one of"):
+        create_method("weaktr_refinery[map=finecam,finecam_part=cls]", "tiny")
 
 
 # ---- gradient-clipping loss -----------------------------------------------------------------

@@ -426,3 +426,37 @@ def test_split_top_level(text, parts):
     from methods.base import split_top_level
 
     assert split_top_level(text) == parts
+
+
+def _imageset_for_check(**change):
+    base = {
+        "images": np.zeros((2, 8, 8, 3), np.uint8),
+        "labels": np.array([0, 1]),
+        "num_classes": 2,
+        "names": ["a", "b"],
+    }
+    return ImageSet(**{**base, **change})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"images": np.zeros((2, 8, 8, 3), np.float32)}, r"train images must be uint8.*float32"),
+        ({"images": np.zeros((2, 8, 8), np.uint8)}, r"train images must be uint8"),
+        ({"labels": np.array([0])}, r"labels must be \(N,\) class indices.*shape \(1,\)"),
+        ({"labels": np.array([0, 2])}, r"labels must lie in \[0, 2\), got \[0, 2\]"),
+        ({"labels": np.array([-1, 0])}, r"labels must lie in \[0, 2\)"),
+        ({"labels": np.array([[1, 0, 1], [0, 1, 0]])}, r"tags must be \(N, 2\) of 0 and 1"),
+        ({"labels": np.array([[1, 2], [0, 1]])}, r"tags must be \(N, 2\) of 0 and 1"),
+        ({"labels": np.array([0, 1]), "num_classes": 255}, r"at most 254 classes"),
+    ],
+)
+def test_imageset_check_names_the_owner_and_what_is_wrong(change, message):
+    data = _imageset_for_check(**change)
+    with pytest.raises(ValueError, match=rf"^some_method: .*{message}"):
+        data.check("some_method", "train")
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 1]), np.array([[1, 1], [0, 1]], np.uint8)])
+def test_imageset_check_accepts_labels_and_tags(labels):
+    _imageset_for_check(labels=labels).check("some_method", "train")  # no error
