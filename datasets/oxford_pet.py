@@ -127,8 +127,53 @@ class Exclusion:
         return {"name": self.name, "file": self.file, "reason": self.reason}
 
 
+class RecordAccess:
+    """Access to a validated dataset's usable records (shared by the Pet and VOC loaders).
+
+    The host sets ``name``, ``root``, ``records``, ``exclusions``, ``_by_name`` (name ->
+    record) and ``_sizes`` (name -> (H, W)); ``repr_label`` names the attribute shown in
+    ``repr`` and ``unknown_name`` the reason given for a name that was never listed.
+    """
+
+    name: str
+    root: Path
+    records: list[Any]
+    exclusions: list[Exclusion]
+    _by_name: dict[str, Any]
+    _sizes: dict[str, tuple[int, int]]
+    repr_label: tuple[str, str] = ("label", "label_kind")  # (shown as, attribute)
+    unknown_name: str = "not in the dataset"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        shown, attribute = self.repr_label
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, {shown}={getattr(self, attribute)!r}, "
+            f"usable={len(self.records)}, excluded={len(self.exclusions)})"
+        )
+
+    def record(self, name: str) -> Any:
+        """The usable record called ``name``.
+
+        Raises:
+            KeyError: no usable image of that name (the message says if it was excluded).
+        """
+        try:
+            return self._by_name[name]
+        except KeyError:
+            why = [e.reason for e in self.exclusions if e.name == name]
+            detail = f"excluded: {why[0]}" if why else self.unknown_name
+            raise KeyError(f"{self.name}: no usable image {name!r} ({detail})") from None
+
+    def image_size(self, record: Any) -> tuple[int, int]:
+        """(H, W) of the record's image, read from its header at construction."""
+        return self._sizes[record.name]
+
+
 @register_dataset
-class OxfordPet:
+class OxfordPet(RecordAccess):
     """Oxford-IIIT Pet from its release layout, with validation and exclusion reasons.
 
     Args:
@@ -353,32 +398,6 @@ class OxfordPet:
         self._by_name = {r.name: r for r in records}
 
     # ------------------------------------------------------------------ access
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root={str(self.root)!r}, label={self.label_kind!r}, "
-            f"usable={len(self.records)}, excluded={len(self.exclusions)})"
-        )
-
-    def record(self, name: str) -> Record:
-        """The usable record called ``name``.
-
-        Raises:
-            KeyError: no usable image of that name (the message says if it was excluded).
-        """
-        try:
-            return self._by_name[name]
-        except KeyError:
-            why = [e.reason for e in self.exclusions if e.name == name]
-            detail = f"excluded: {why[0]}" if why else "not in the dataset"
-            raise KeyError(f"{self.name}: no usable image {name!r} ({detail})") from None
-
-    def image_size(self, record: Record) -> tuple[int, int]:
-        """(H, W) of the record's image, read from its header at construction."""
-        return self._sizes[record.name]
 
     def load_image(self, record: Record) -> np.ndarray:
         """Decode the record's image to (H, W, 3) uint8 RGB (see :func:`datasets.imaging.to_rgb`).

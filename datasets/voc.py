@@ -43,7 +43,7 @@ import numpy as np
 
 from datasets.conventions import IGNORE, DatasetError
 from datasets.imaging import FileHashes, decode_image
-from datasets.oxford_pet import Exclusion, data_home
+from datasets.oxford_pet import Exclusion, RecordAccess, data_home
 from datasets.registry import register_dataset
 from datasets.splits import Split
 from datasets.voc_format import (
@@ -112,7 +112,7 @@ class VocRecord:
 
 
 @register_dataset
-class VOC2012:
+class VOC2012(RecordAccess):
     """PASCAL VOC 2012 segmentation, multi-label tags, the WSSS protocol splits.
 
     Args:
@@ -130,6 +130,8 @@ class VOC2012:
     """
 
     name = "voc2012"
+    repr_label = ("labels", "label_source")  # RecordAccess.__repr__
+    unknown_name = "not in any list"  # RecordAccess.record
     label_kind = "multilabel"
 
     def __init__(
@@ -400,32 +402,6 @@ class VOC2012:
             )
 
     # ------------------------------------------------------------------ access
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(root={str(self.root)!r}, labels={self.label_source!r}, "
-            f"usable={len(self.records)}, excluded={len(self.exclusions)})"
-        )
-
-    def record(self, name: str) -> VocRecord:
-        """The usable record called ``name``.
-
-        Raises:
-            KeyError: no usable image of that name (the message says if it was excluded).
-        """
-        try:
-            return self._by_name[name]
-        except KeyError:
-            why = [e.reason for e in self.exclusions if e.name == name]
-            detail = f"excluded: {why[0]}" if why else "not in any list"
-            raise KeyError(f"{self.name}: no usable image {name!r} ({detail})") from None
-
-    def image_size(self, record: VocRecord) -> tuple[int, int]:
-        """(H, W) of the record's image, read from its header at construction."""
-        return self._sizes[record.name]
 
     def load_image(self, record: VocRecord) -> np.ndarray:
         """Decode the record's image to (H, W, 3) uint8 RGB.
