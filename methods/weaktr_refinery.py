@@ -79,6 +79,13 @@ Deviations from the original (defaults; ``faithful=True`` restores the first fiv
       Tried on the synthetic val split (56 images, one seed each, val pet IoU): 6 epochs 23.8
       (``map=loss``), 23.9 (``decoder``), 23.4 (``finecam``); 8 epochs 22.7; lr 2e-4 with the
       trunk at 0.5x 23.4; 2 blocks 23.7. All are below the centre prior (28.7).
+      Which factor fails (``finecam_part``, the classifier reused, thresholds on val; train
+      pseudo-mask IoU / test maps PxAP, seed 1, a3315da): FineCAM 21.5 / 22.2, the attention
+      A~ alone 24.4 / 25.3, the coarse CAM C~ alone 18.7 / 17.8, i.e. all-foreground level
+      (18.8 / 18.4): the hybrid's patch tokens, trained only through the class token, do not
+      lie in the head's class directions, so C~ only degrades the attention. On the real
+      sample (51 train images) all three are at or below all-foreground (PxAP 29.9 / 34.9 /
+      26.5 against 31.7).
       ``tiny``: a random-init 2-block, 64-wide DeiT, for speed.
     - The original's segmentation stage (LR-ASPP, BCE, Adam 1e-5) is the harness's shared
       segmenter, and its inverted evaluation convention is the evaluator's business.

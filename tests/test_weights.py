@@ -92,6 +92,28 @@ def _fake_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tamper: bool)
     monkeypatch.setitem(W.OFFLINE_WEIGHTS, LITE0, fake)
 
 
+def test_offline_loading_leaves_the_global_generator_as_it_was() -> None:
+    W._full_keys.cache_clear()  # the first load in a process builds timm's full model
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    W.offline_state_dict(LITE0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_first_model_built_in_a_process_equals_a_later_one() -> None:
+    """New layers seeded after an offline trunk get the same weights, first build or not."""
+    from methods.common.data import seeded
+
+    def build() -> torch.Tensor:
+        with seeded(3):
+            create_backbone(LITE0, pretrained="offline", output_stride=16)
+            return torch.nn.Linear(8, 4).weight.detach().clone()
+
+    W._full_keys.cache_clear()
+    first = build()
+    torch.testing.assert_close(build(), first, rtol=0, atol=0)
+
+
 def test_tampered_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_package(tmp_path, monkeypatch, tamper=True)
     with pytest.raises(W.PretrainedWeightsError, match="altered or replaced"):
