@@ -236,7 +236,7 @@ class Context:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch, and ask torch for deterministic CPU kernels."""
+    """Seed the global generators of Python, numpy and torch (nothing else is switched)."""
     import random
 
     random.seed(seed)
