@@ -84,8 +84,8 @@ Deviations from the original (defaults; ``faithful=True`` restores the first fiv
       A~ alone 24.4 / 25.3, the coarse CAM C~ alone 18.7 / 17.8, i.e. all-foreground level
       (18.8 / 18.4): the hybrid's patch tokens, trained only through the class token, do not
       lie in the head's class directions, so C~ only degrades the attention. On the real
-      sample (51 train images) all three are at or below all-foreground (PxAP 29.9 / 34.9 /
-      26.5 against 31.7).
+      sample (51 train images) none has signal: FineCAM and A~ pick threshold 0.00 (all
+      foreground), C~ 32.4 against all-foreground's 33.1; PxAP 28.8 / 32.9 / 27.6 vs 31.7.
       ``tiny``: a random-init 2-block, 64-wide DeiT, for speed.
     - The original's segmentation stage (LR-ASPP, BCE, Adam 1e-5) is the harness's shared
       segmenter, and its inverted evaluation convention is the evaluator's business.
