@@ -255,6 +255,27 @@ def generate_synthetic(
     return root
 
 
+def check_preset(
+    what: str,
+    presets: dict[str, dict[str, Any]],
+    preset: str,
+    overrides: dict[str, Any],
+    overridable: tuple[str, ...],
+) -> None:
+    """Raise ValueError naming ``what`` for an unknown preset or override name."""
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(presets)}")
+    unknown = sorted(set(overrides) - set(overridable))
+    if unknown:
+        raise ValueError(f"unknown {what} parameter(s) {unknown}; valid: {overridable}")
+
+
+def default_root(folder: str, preset: str, params: dict[str, Any]) -> Path:
+    """``<data home>/<folder>/<preset>-<hash of params>``: one folder per generator setting."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    return data_home() / folder / f"{preset}-{key}"
+
+
 @register_dataset
 class SyntheticPets(OxfordPet):
     """Synthetic pets, generated on first use, then read with the Oxford-IIIT Pet loader.
@@ -284,16 +305,10 @@ class SyntheticPets(OxfordPet):
         verify: str = "full",
         **overrides: Any,
     ) -> None:
-        if preset not in SYNTHETIC_PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(SYNTHETIC_PRESETS)}")
-        unknown = sorted(set(overrides) - set(_OVERRIDABLE))
-        if unknown:
-            raise ValueError(f"unknown synthetic parameter(s) {unknown}; valid: {_OVERRIDABLE}")
+        check_preset("synthetic", SYNTHETIC_PRESETS, preset, overrides, _OVERRIDABLE)
         settings = {"trainval_fraction": 0.6, **SYNTHETIC_PRESETS[preset], **overrides}
         params = _params(seed=seed, **settings)
-        if root is None:
-            key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-            root = data_home() / "synthetic" / f"{preset}-{key}"
+        root = default_root("synthetic", preset, params) if root is None else root
         generate_synthetic(root, **{k: v for k, v in params.items() if k != "generator_version"})
         super().__init__(root, label=label, verify=verify)
         self.preset = preset

@@ -31,7 +31,6 @@ images, 128 px, 6 categories), the sizes of :data:`datasets.synthetic.SYNTHETIC_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -48,9 +47,8 @@ from PIL import Image
 from scipy import ndimage
 
 from datasets.conventions import DatasetError
-from datasets.oxford_pet import data_home
 from datasets.registry import register_dataset
-from datasets.synthetic import MAX_CLASSES
+from datasets.synthetic import MAX_CLASSES, check_preset, default_root
 from datasets.synthetic_render import (
     PART_COLOURS,
     _background,
@@ -462,16 +460,9 @@ class SyntheticVOC(VOC2012):
         verify: str = "full",
         **overrides: Any,
     ) -> None:
-        if preset not in SYNTHETIC_VOC_PRESETS:
-            valid = ", ".join(SYNTHETIC_VOC_PRESETS)
-            raise ValueError(f"unknown preset {preset!r}; valid: {valid}")
-        unknown = sorted(set(overrides) - set(_OVERRIDABLE))
-        if unknown:
-            raise ValueError(f"unknown synthetic-voc parameter(s) {unknown}; valid: {_OVERRIDABLE}")
+        check_preset("synthetic-voc", SYNTHETIC_VOC_PRESETS, preset, overrides, _OVERRIDABLE)
         params = _params(seed=seed, **{**SYNTHETIC_VOC_PRESETS[preset], **overrides})
-        if root is None:
-            key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-            root = data_home() / "synthetic-voc" / f"{preset}-{key}"
+        root = default_root("synthetic-voc", preset, params) if root is None else root
         settings = {k: v for k, v in params.items() if k != "generator_version"}
         generate_synthetic_voc(root, **settings)
         names = [class_name(k) for k in range(params["n_classes"])]
