@@ -55,7 +55,7 @@ def _threshold_sweep(options: PerfOptions) -> dict[str, Any]:
     same = all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("tp", "fp", "fn", "tn"))
     if not same:
         raise RuntimeError("one-pass sweep and naive loop disagree: refusing to time them")
-    ours_s, base_s = best_pair(ours, baseline, rounds=2 if options.smoke else 5)
+    ours_s, base_s = best_pair(ours, baseline, rounds=2 if options.smoke else 10)
     return {
         "ours_s": ours_s,
         "baseline_s": base_s,
