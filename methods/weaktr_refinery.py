@@ -273,8 +273,15 @@ def fine_cam(
     if roundtrip_size is not None:
         coarse = resize(resize(coarse, roundtrip_size), out.grid)
     coarse = minmax_shift(coarse.flatten(0, 1).flatten(1)).reshape(n, k, -1)  # (N, K, P)
-    factors = {"both": attn[:, None] * coarse, "attention": attn[:, None].expand_as(coarse)}
-    cam = factors.get(part, coarse).reshape(n, k, *out.grid)  # (N, K, gh, gw)
+    if part == "both":
+        cam = attn[:, None] * coarse
+    elif part == "attention":
+        cam = attn[:, None].expand_as(coarse)
+    elif part == "coarse":
+        cam = coarse
+    else:
+        raise ValueError(f"part must be one of {FINECAM_PARTS}, got {part!r}")
+    cam = cam.reshape(n, k, *out.grid)  # (N, K, gh, gw)
     cam = resize(cam, size)
     return cam.clamp(0.0, 1.0) if clamp else cam
 
