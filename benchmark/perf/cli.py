@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="quick", choices=("paper", "quick", "tiny"), help="stages preset"
     )
     parser.add_argument(
-        "--stage-images", type=int, help="images per stage (default 48; 16 with --smoke)"
+        "--stage-images", type=int, help="images per stage (default 24; 16 with --smoke)"
     )
     parser.add_argument(
         "--no-amp", dest="amp", action="store_false", help="stages: no bf16 autocast on CUDA"

@@ -56,7 +56,7 @@ class PerfOptions:
         smoke: tiny sizes (seconds in total), for tests and quick checks.
         device: torch device of the ``stages`` entry (``cpu``, ``cuda``, ``cuda:N``).
         preset: method preset of the ``stages`` entry (``quick``; ``paper`` on a GPU).
-        stage_images: images per stage of the ``stages`` entry (``None``: 48, 16 in smoke mode).
+        stage_images: images per stage of the ``stages`` entry (``None``: 24, 16 in smoke mode).
         amp: bf16 autocast in the ``stages`` entry's fast setting (only acts on CUDA).
     """
 

@@ -175,7 +175,7 @@ def _stages(opts: PerfOptions) -> dict[str, Any]:
 
     smoke = opts.smoke
     preset = "tiny" if smoke else opts.preset
-    n = opts.stage_images or (16 if smoke else 32)
+    n = opts.stage_images or (16 if smoke else 24)
     size = PRESET_IMAGE_SIZE[preset]
     device = torch.device(opts.device)
     names = (*stage_methods(), "segmenter")
@@ -183,7 +183,7 @@ def _stages(opts: PerfOptions) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory(prefix="wsss-perf-stages-") as tmp:
         train, masks = _synthetic_train(n, size, Path(tmp))
-        warm = min(n, 8 if smoke else 16)  # first-use costs (kernels, primitives) paid before
+        warm = min(n, 8 if smoke else 12)  # first-use costs (kernels, primitives) paid before
         for name in names:
             # a warm-up on a batch of images in each setting first (first-use costs: kernels,
             # oneDNN/cuDNN primitives of each memory format), then the timed runs
