@@ -158,11 +158,14 @@ class Config:
     map: str = "loss"  # loss (original pseudo masks) | decoder (sigmoid) | finecam (no decoder)
     # ablation with map=finecam: both = FineCAM; attention = A~ alone; coarse = C~ alone
     finecam_part: str = "both"
+    # weight of a patch-token classification loss (the head on the mean of the pre-LN patch
+    # tokens, WeakTr's patch-token CAM loss) added to the class-token loss; 0 = the original
+    patch_loss: float = 0.0
     faithful: bool = False  # reproduce the original's quirks (predicted class, no clamp, ...)
     infer_batch_size: int = 64  # images per forward pass in localize/refine
 
     def __post_init__(self) -> None:
-        for name in ("lr", "decoder_lr", "clip_tau"):  # YAML reads "5e-4" as a string
+        for name in ("lr", "decoder_lr", "clip_tau", "patch_loss"):  # YAML: "5e-4" a string
             object.__setattr__(self, name, _number(name, getattr(self, name), float))
         for name in _INT_FIELDS:
             value = getattr(self, name)
@@ -194,6 +197,8 @@ class Config:
         for name in ("epochs", "batch_size", "decoder_epochs", "decoder_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_loss < 0:
+            raise ValueError(f"patch_loss must be >= 0, got {self.patch_loss}")
         if self.infer_batch_size < 1 or self.clip_window < 1 or self.clip_tau <= 0:
             raise ValueError("infer_batch_size, clip_window and clip_tau must be positive")
 
@@ -287,6 +292,26 @@ def fine_cam(
 
 
 # ---- the method ---------------------------------------------------------------------------
+def classifier_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch_loss: float = 0.0
+) -> torch.Tensor:
+    """The classifier's loss: class token, plus ``patch_loss`` x the patch-token loss.
+
+    The class-token loss is the original's (cross-entropy; the multi-label soft margin for
+    (N, C) tags). The patch-token term (``patch_loss > 0``, a deviation, see the module
+    docstring) is the same loss on ``head(mean_i F_i)``, the model's head applied to the mean
+    of the pre-LN patch tokens F: WeakTr's patch-token classification. Since the coarse CAM is
+    ``F W^T``, its spatial mean plus the head bias is then a trained logit, as in a plain CAM.
+    """
+    loss_of = multilabel_loss if y.dim() == 2 else F.cross_entropy
+    if not patch_loss:
+        return loss_of(model(x), y)
+    out = vit_forward_with_attention(model, x)
+    head = model.get_classifier()
+    patch_logits = F.linear(out.tokens.mean(dim=1), head.weight, head.bias)
+    return loss_of(out.logits, y) + patch_loss * loss_of(patch_logits, y)
+
+
 @register_method
 class WeakTRRefinery(Method):
     """ViT + FineCAM + gradient-clipping CNN decoder (johnamit/weaktr-refinery)."""
@@ -415,10 +440,7 @@ class WeakTRRefinery(Method):
 
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with autocast(device, ctx.amp):
-                logits = model(x)
-                if y.dim() == 2:  # multi-hot tags: the multi-label soft margin
-                    return multilabel_loss(logits, y)
-                return F.cross_entropy(logits, y)
+                return classifier_loss(model, x, y, cfg.patch_loss)
 
         self._train_epochs(
             train,

@@ -13,7 +13,7 @@ from methods.base import Context, ImageSet, create_method, list_methods
 from methods.common.data import to_tensor
 from methods.common.refinery_decoder import clip_keep_mask, clip_window_size, clipped_bce
 from methods.common.vit import build_vit, vit_forward_with_attention
-from methods.weaktr_refinery import FINECAM_PARTS, MAP_OPTIONS, fine_cam
+from methods.weaktr_refinery import FINECAM_PARTS, MAP_OPTIONS, classifier_loss, fine_cam
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -512,3 +512,29 @@ def test_multilabel_tags_are_checked(multilabel_ctx) -> None:
     data.labels = data.labels * 2
     with pytest.raises(ValueError, match="tags must be"):
         create_method("weaktr_refinery", "tiny").fit(data, multilabel_ctx)
+
+
+def test_patch_loss_adds_the_head_on_the_mean_patch_token() -> None:
+    """patch_loss = w: class-token CE + w x CE of head(mean pre-LN patch token), from scratch."""
+    model = _tiny_vit()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    y = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+        tokens = model.norm_pre(model._pos_embed(tokens))
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        cls_ce = F.cross_entropy(model.head(model.norm(tokens)[:, 0]), y)
+        patch_ce = F.cross_entropy(model.head(tokens[:, 1:].mean(dim=1)), y)
+        plain = classifier_loss(model, x, y)
+        both = classifier_loss(model, x, y, patch_loss=0.5)
+    torch.testing.assert_close(plain, cls_ce)
+    torch.testing.assert_close(both, cls_ce + 0.5 * patch_ce)
+
+
+def test_patch_loss_is_a_training_option() -> None:
+    plain = create_method("weaktr_refinery", "tiny")
+    patch = create_method("weaktr_refinery[patch_loss=1]", "tiny")
+    assert patch.fit_identity() != plain.fit_identity()  # a new classifier, not a reused one
+    with pytest.raises(ValueError, match="patch_loss"):
+        create_method("weaktr_refinery[patch_loss=-1]", "tiny")
