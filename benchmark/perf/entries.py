@@ -303,8 +303,8 @@ def _finecam(options: PerfOptions) -> dict[str, Any]:
     import torch
 
     from methods.common.data import seeded
-    from methods.common.vit import build_vit, vit_forward_with_attention
     from methods.common.finecam import fine_cam
+    from methods.common.vit import build_vit, vit_forward_with_attention
 
     if smoke:
         n, size, arch = 4, 64, {"depth": 2, "embed_dim": 64, "num_heads": 2}
