@@ -88,7 +88,7 @@ def _add_run_options(p: argparse.ArgumentParser, launch: bool = False) -> None:
 #: ``run`` options that say how a run is launched: never part of the RunConfig (nor its key).
 LAUNCH_OPTIONS = (
     "launcher", "slurm_partition", "timeout_min", "gpus_per_job", "cpus_per_job", "mem_gb",
-    "slurm_account", "sbatch_extra", "wait",
+    "slurm_account", "sbatch_extra", "wait", "jobs",
 )  # fmt: skip
 
 
@@ -98,6 +98,11 @@ def _add_launch_options(p: argparse.ArgumentParser) -> None:
         "--launcher", choices=["none", "local", "slurm"],
         help="none (default): runs here, one after another; local / slurm: one submitit job "
         "per method and seed (local: on this machine; slurm: sbatch; --out on a shared disk)",
+    )  # fmt: skip
+    p.add_argument(
+        "--jobs", type=int, metavar="N",
+        help="at most N runs at once (without --launcher: local jobs on this machine, each "
+        "with CPUs/N torch threads; slurm: the array's parallelism)",
     )  # fmt: skip
     p.add_argument("--slurm-partition", help="Slurm partition of the jobs")
     p.add_argument("--slurm-account", help="Slurm account charged for the jobs")
@@ -301,8 +306,11 @@ def _launch_options(args: argparse.Namespace) -> Any:
     """The validated :class:`benchmark.launch.LaunchOptions` of ``run`` (ConfigError if bad)."""
     from benchmark.launch import LaunchOptions, parse_sbatch_extra
 
+    jobs = args.jobs
+    default = "local" if isinstance(jobs, int) and jobs > 1 else "none"
     return LaunchOptions(
-        launcher=args.launcher or "none",
+        launcher=args.launcher or default,
+        jobs=jobs,
         partition=args.slurm_partition,
         timeout_min=args.timeout_min,
         gpus_per_job=args.gpus_per_job,

@@ -162,9 +162,9 @@ LOCAL_SUBSET = ["cam", "cam_affinitynet", "all_foreground"]
 def test_local_launcher_rows_equal_in_process(reference, tmp_path, capsys):
     out = tmp_path / "out"
     methods = ["all"] if _slurm_problem() else LOCAL_SUBSET
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # two jobs at a time, each further one started as one ends
     rc = main(["run", "--methods", *methods, "--seeds", "2", *TINY, "--out", str(out),
-               "--launcher", "local"])  # fmt: skip
+               "--launcher", "local", "--jobs", "2"])  # fmt: skip
     seconds = time.perf_counter() - t0
     assert rc == 0
     printed = capsys.readouterr().out
@@ -175,7 +175,8 @@ def test_local_launcher_rows_equal_in_process(reference, tmp_path, capsys):
     n_jobs = rows[["method_id", "repetition"]].drop_duplicates().shape[0]
     assert len(list((out / "launch" / "submitit").glob("*_0_log.err"))) == n_jobs
     assert "local jobs:" in printed and "Segmenter on test" in printed
-    print(f"\n--launcher local, tiny --methods {' '.join(methods)} --seeds 2 ({n_jobs} jobs): "
+    print(f"\n--launcher local --jobs 2, tiny --methods {' '.join(methods)} --seeds 2 "
+          f"({n_jobs} jobs): "
           f"{seconds:.1f} s")  # fmt: skip
 
 
