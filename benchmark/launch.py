@@ -28,13 +28,15 @@ At most N at once (``--jobs N``):
     ``slurm`` sets the array's parallelism (``#SBATCH --array=...%N``). ``local`` starts the
     first N jobs and each further one when a running job ends (so ``--no-wait`` is refused
     with it), and gives each job ``CPUs / N`` torch threads (unless ``OMP_NUM_THREADS`` is
-    set). On a CPU-only machine two one-thread jobs train faster together than one two-thread
-    process does alone: small convolutions do not keep two threads busy (measured on the
-    2-core VM with the quick segmenter, a forward + backward pass of 16 images at 128 px:
-    0.53 s alone with two threads, 0.63 s each for two one-thread processes side by side,
-    1.7x the throughput). A one-thread job does its floating point in another order than a
-    two-thread process, so its values may differ from an in-process run's in the last digits;
-    a one-thread in-process run (``OMP_NUM_THREADS=1``) gives the same rows as the jobs.
+    set). What it buys depends on the machine: on this project's 2-vCPU VM it buys little,
+    because a one-thread job runs about 1.5x slower beside another than a two-thread process
+    does alone (``run --methods all --seeds 1``, synthetic quick: 24.2 min with ``--jobs 2``
+    against 26.4 min in process; the jobs' own wall times summed to 2,431 s against 1,586 s).
+    Its use is a machine with more cores than one torch process keeps busy. A one-thread job
+    does its floating point in another order than a two-thread process, so its values may
+    differ from an in-process run's in the last digits (cam's pseudo-mask IoU 30.53 against
+    30.33 in that run); a one-thread in-process run (``OMP_NUM_THREADS=1``) gives the same
+    rows as the jobs.
     ``python -m benchmark run ... --jobs N`` (N > 1) without ``--launcher`` means ``local``.
 
 Waiting and the report:
