@@ -72,7 +72,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,7 +355,7 @@ class Launch:
     folder: Path
     rows: pd.DataFrame | None = None
     failed: list[str] = field(default_factory=list)
-    start_next: Any = None
+    start_next: Callable[[], Any] | None = None
 
     @property
     def job_ids(self) -> list[str]:
