@@ -7,6 +7,7 @@ that a bad spec fails before any work, :func:`derive_seed` gives every run its s
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import functools
 import hashlib
@@ -99,7 +100,8 @@ def code_version(method_cls: type[Method]) -> str:
 
     Computed once per process (cached): the hash describes the code this process imported, so
     editing ``methods/`` while a long run goes on does not give its later runs keys of code
-    they are not running.
+    they are not running. Each file counts by its code only (:func:`code_text`): editing a
+    docstring, a comment or the layout (a module's Deviations, say) keeps every cached stage.
     """
     files = _method_sources(Path(sys.modules[method_cls.__module__].__file__ or ""))
     files.extend(sorted((REPO / "methods" / "common").glob("*.py")))
@@ -107,8 +109,29 @@ def code_version(method_cls: type[Method]) -> str:
     h = hashlib.sha256(f"stage-format-{STAGE_FORMAT}".encode())
     for f in files:
         if f.is_file():
-            h.update(f.read_bytes())
+            h.update(code_text(f.read_text(encoding="utf-8")))
     return h.hexdigest()[:12]
+
+
+def code_text(source: str) -> bytes:
+    """A Python source's code without docstrings, comments or layout: its syntax tree, dumped.
+
+    Two sources that differ only there give the same bytes; any change to what runs (a value, a
+    name, an expression) gives other bytes. The dump's format follows the Python minor version,
+    so cache keys do too.
+    """
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            first = body[0] if body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
 
 
 def _method_sources(module: Path) -> list[Path]:

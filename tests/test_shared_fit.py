@@ -73,3 +73,45 @@ def test_code_version_covers_the_method_modules_a_method_builds_on():
 
     sources = {p.name for p in _method_sources(REPO / "methods" / "cam_affinitynet.py")}
     assert sources == {"cam_affinitynet.py", "cam.py"}
+
+
+_SOURCE = '''"""Module doc."""
+import math
+
+
+class A:
+    """Class doc."""
+
+    x: int = 1  # a comment
+
+    def f(self):
+        """Doc."""
+        return math.pi * self.x
+'''
+
+
+def test_code_text_ignores_docstrings_comments_and_layout():
+    from benchmark.identity import code_text
+
+    edited = (
+        _SOURCE.replace("Module doc.", "Module doc, and a Deviations section with a measurement.")
+        .replace("# a comment", "# another comment")
+        .replace('"""Doc."""', '"""Another doc."""\n\n')
+    )
+    assert edited != _SOURCE and code_text(edited) == code_text(_SOURCE)
+    from benchmark.identity import REPO
+
+    real = (REPO / "methods" / "cam.py").read_text(encoding="utf-8")
+    assert code_text(real.replace('"""', '"""Edited. ', 1)) == code_text(real)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("x: int = 1", "x: int = 2"), ("math.pi", "math.e"), ("self.x\n", "self.x + 0\n")],
+)
+def test_code_text_changes_with_the_code(old, new):
+    from benchmark.identity import code_text
+
+    assert code_text(_SOURCE.replace(old, new)) != code_text(_SOURCE)
+    # a function whose only statement was its docstring differs from one that returns
+    assert code_text('def g():\n    """Doc."""\n') != code_text("def g():\n    return 1\n")
