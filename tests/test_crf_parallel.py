@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from methods.common.crf import dense_crf, dense_crf_many
+from methods.common.crf import CRFKernels, dense_crf, dense_crf_many
 
 
 def _inputs(n: int, size: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -23,8 +23,8 @@ def _inputs(n: int, size: int = 24) -> tuple[list[np.ndarray], list[np.ndarray]]
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_parallel_equals_serial_in_order(workers):
     images, probs = _inputs(7)
-    serial = [dense_crf(im, pr, iters=3) for im, pr in zip(images, probs)]
-    parallel = dense_crf_many(images, probs, workers=workers, iters=3)
+    serial = [dense_crf(im, pr, CRFKernels(iters=3)) for im, pr in zip(images, probs)]
+    parallel = dense_crf_many(images, probs, workers=workers, kernels=CRFKernels(iters=3))
     assert len(parallel) == len(serial)
     for a, b in zip(parallel, serial):
         np.testing.assert_array_equal(a, b)

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
@@ -44,47 +44,49 @@ def _check_image(image: np.ndarray, hw: tuple[int, int] | None = None) -> np.nda
     return np.require(image, dtype=np.uint8, requirements=("C", "W"))
 
 
-def _crf(
-    image: np.ndarray,
-    unary: np.ndarray,
-    n_labels: int,
-    iters: int,
-    gauss_sxy: float,
-    gauss_compat: float,
-    bilat_sxy: float,
-    bilat_srgb: float,
-    bilat_compat: float,
-) -> np.ndarray:
-    h, w = image.shape[:2]
-    d = dcrf.DenseCRF2D(w, h, n_labels)
-    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    d.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    d.addPairwiseBilateral(sxy=bilat_sxy, srgb=bilat_srgb, rgbim=image, compat=bilat_compat)
-    q = d.inference(int(iters))
-    return np.asarray(q, dtype=np.float32).reshape(n_labels, h, w)
+@dataclass(frozen=True)
+class CRFKernels:
+    """Mean-field iterations and the two pairwise kernels of the dense CRF (METHODS.md defaults).
 
-
-def dense_crf(
-    image: np.ndarray,
-    probs: np.ndarray,
-    iters: int = 10,
-    gauss_sxy: float = 3,
-    gauss_compat: float = 3,
-    bilat_sxy: float = 50,
-    bilat_srgb: float = 5,
-    bilat_compat: float = 10,
-) -> np.ndarray:
-    """Refine soft class probabilities with a dense CRF.
-
-    Args:
-        image: uint8 RGB image (H, W, 3).
-        probs: (L, H, W) class probabilities (e.g. L = 2: background, pet); clipped at 1e-5.
+    Attributes:
         iters: mean-field iterations.
         gauss_sxy: Gaussian kernel spatial std (pixels).
         gauss_compat: Gaussian kernel weight.
         bilat_sxy: bilateral kernel spatial std (pixels).
         bilat_srgb: bilateral kernel colour std (0..255 units).
         bilat_compat: bilateral kernel weight.
+    """
+
+    iters: int = 10
+    gauss_sxy: float = 3
+    gauss_compat: float = 3
+    bilat_sxy: float = 50
+    bilat_srgb: float = 5
+    bilat_compat: float = 10
+
+
+DEFAULT_KERNELS = CRFKernels()
+
+
+def _crf(image: np.ndarray, unary: np.ndarray, n_labels: int, k: CRFKernels) -> np.ndarray:
+    h, w = image.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    d.addPairwiseGaussian(sxy=k.gauss_sxy, compat=k.gauss_compat)
+    d.addPairwiseBilateral(sxy=k.bilat_sxy, srgb=k.bilat_srgb, rgbim=image, compat=k.bilat_compat)
+    q = d.inference(int(k.iters))
+    return np.asarray(q, dtype=np.float32).reshape(n_labels, h, w)
+
+
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, kernels: CRFKernels = DEFAULT_KERNELS
+) -> np.ndarray:
+    """Refine soft class probabilities with a dense CRF.
+
+    Args:
+        image: uint8 RGB image (H, W, 3).
+        probs: (L, H, W) class probabilities (e.g. L = 2: background, pet); clipped at 1e-5.
+        kernels: iterations and pairwise kernels.
 
     Returns:
         (L, H, W) float32 posterior marginals.
@@ -94,10 +96,7 @@ def dense_crf(
         raise ValueError(f"dense_crf expects probs of shape (L>=2, H, W); got {probs.shape}")
     image = _check_image(image, probs.shape[1:])
     unary = unary_from_softmax(probs)  # (L, H*W) = -log p
-    return _crf(
-        image, unary, probs.shape[0], iters, gauss_sxy, gauss_compat, bilat_sxy, bilat_srgb,
-        bilat_compat,
-    )  # fmt: skip
+    return _crf(image, unary, probs.shape[0], kernels)
 
 
 def crf_labels(
@@ -105,12 +104,7 @@ def crf_labels(
     labels: np.ndarray,
     gt_prob: float = 0.7,
     n_labels: int = 2,
-    iters: int = 10,
-    gauss_sxy: float = 3,
-    gauss_compat: float = 3,
-    bilat_sxy: float = 50,
-    bilat_srgb: float = 5,
-    bilat_compat: float = 10,
+    kernels: CRFKernels = DEFAULT_KERNELS,
 ) -> np.ndarray:
     """Clean a hard label map with a dense CRF; ignored pixels (255) start uniform.
 
@@ -119,12 +113,7 @@ def crf_labels(
         labels: (H, W) integer labels in ``0..n_labels-1`` or 255 (unsure).
         gt_prob: confidence given to the input labels.
         n_labels: number of classes (2: background, pet).
-        iters: mean-field iterations.
-        gauss_sxy: Gaussian kernel spatial std (pixels).
-        gauss_compat: Gaussian kernel weight.
-        bilat_sxy: bilateral kernel spatial std (pixels).
-        bilat_srgb: bilateral kernel colour std (0..255 units).
-        bilat_compat: bilateral kernel weight.
+        kernels: iterations and pairwise kernels.
 
     Returns:
         (H, W) uint8 labels in ``0..n_labels-1`` (the CRF's argmax).
@@ -138,11 +127,7 @@ def crf_labels(
     image = _check_image(image, labels.shape)
     shifted = np.where(valid, labels.astype(np.int64) + 1, 0)  # 0 = unsure for pydensecrf
     unary = unary_from_labels(shifted, n_labels, gt_prob=gt_prob, zero_unsure=True)
-    q = _crf(
-        image, unary, n_labels, iters, gauss_sxy, gauss_compat, bilat_sxy, bilat_srgb,
-        bilat_compat,
-    )  # fmt: skip
-    return q.argmax(axis=0).astype(np.uint8)
+    return _crf(image, unary, n_labels, kernels).argmax(axis=0).astype(np.uint8)
 
 
 def default_workers() -> int:
@@ -154,16 +139,16 @@ def default_workers() -> int:
 
 
 def _crf_chunk(
-    images: Sequence[np.ndarray], probs: Sequence[np.ndarray], kwargs: dict[str, Any]
+    images: Sequence[np.ndarray], probs: Sequence[np.ndarray], kernels: CRFKernels
 ) -> list[np.ndarray]:
-    return [dense_crf(im, pr, **kwargs) for im, pr in zip(images, probs)]
+    return [dense_crf(im, pr, kernels) for im, pr in zip(images, probs)]
 
 
 def dense_crf_many(
     images: Sequence[np.ndarray] | np.ndarray,
     probs: Sequence[np.ndarray] | np.ndarray,
     workers: int | None = None,
-    **kwargs: Any,
+    kernels: CRFKernels = DEFAULT_KERNELS,
 ) -> list[np.ndarray]:
     """:func:`dense_crf` over many images, in parallel across processes.
 
@@ -177,7 +162,7 @@ def dense_crf_many(
             is fine: only each chunk is read and pickled to its worker).
         probs: N class-probability arrays (L, H, W), a list or an (N, L, H, W) array.
         workers: processes to use; default: the cores this process may use.
-        **kwargs: :func:`dense_crf` parameters (``iters``, kernel widths and weights).
+        kernels: iterations and pairwise kernels of every image's CRF.
 
     Returns:
         N (L, H, W) float32 posterior marginals, in input order.
@@ -195,7 +180,7 @@ def dense_crf_many(
     if multiprocessing.current_process().daemon:  # a daemonic pool worker may not fork
         workers = 1
     if workers <= 1:
-        return [dense_crf(images[i], probs[i], **kwargs) for i in range(n)]
+        return [dense_crf(images[i], probs[i], kernels) for i in range(n)]
     chunks = min(n, 4 * workers)
     bounds = np.linspace(0, n, chunks + 1).astype(int)
     methods = multiprocessing.get_all_start_methods()
@@ -207,7 +192,7 @@ def dense_crf_many(
                 _crf_chunk,
                 [np.asarray(images[i]) for i in range(a, b)],
                 [np.asarray(probs[i]) for i in range(a, b)],
-                kwargs,
+                kernels,
             )
             for a, b in zip(bounds[:-1], bounds[1:])
         ]
