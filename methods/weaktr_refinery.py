@@ -103,7 +103,7 @@ Deviations from the original (defaults; ``faithful=True`` restores the first fiv
       23.4 -> 27.1, 24.2 -> 26.4 (mean 23.7 -> 26.5); val PxAP 23.5 -> 27.7. First seen on a
       variant's seed (26.6 / 28.8). The same change did not help weaktr (one seed: val 27.1,
       its pseudo masks 25.2 against 27.7 on its default seed), which keeps 0.2.
-      ``tiny``: a random-init 2-block, 64-wide DeiT, for speed.
+    - ``tiny``: a random-init 2-block, 64-wide DeiT, for speed.
     - The original's segmentation stage (LR-ASPP, BCE, Adam 1e-5) is the harness's shared
       segmenter, and its inverted evaluation convention is the evaluator's business.
 """

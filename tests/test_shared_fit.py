@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmark.config import RunConfig
+from benchmark.identity import REPO, code_text
 from benchmark.runner import Runner
 from methods import create_method, list_methods
 
@@ -91,16 +92,12 @@ class A:
 
 
 def test_code_text_ignores_docstrings_comments_and_layout():
-    from benchmark.identity import code_text
-
     edited = (
         _SOURCE.replace("Module doc.", "Module doc, and a Deviations section with a measurement.")
         .replace("# a comment", "# another comment")
         .replace('"""Doc."""', '"""Another doc."""\n\n')
     )
     assert edited != _SOURCE and code_text(edited) == code_text(_SOURCE)
-    from benchmark.identity import REPO
-
     real = (REPO / "methods" / "cam.py").read_text(encoding="utf-8")
     assert code_text(real.replace('"""', '"""Edited. ', 1)) == code_text(real)
 
@@ -110,8 +107,8 @@ def test_code_text_ignores_docstrings_comments_and_layout():
     [("x: int = 1", "x: int = 2"), ("math.pi", "math.e"), ("self.x\n", "self.x + 0\n")],
 )
 def test_code_text_changes_with_the_code(old, new):
-    from benchmark.identity import code_text
-
     assert code_text(_SOURCE.replace(old, new)) != code_text(_SOURCE)
-    # a function whose only statement was its docstring differs from one that returns
+
+
+def test_code_text_of_a_docstring_only_function_differs_from_one_that_returns():
     assert code_text('def g():\n    """Doc."""\n') != code_text("def g():\n    return 1\n")
