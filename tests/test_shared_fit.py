@@ -112,3 +112,7 @@ def test_code_text_changes_with_the_code(old, new):
 
 def test_code_text_of_a_docstring_only_function_differs_from_one_that_returns():
     assert code_text('def g():\n    """Doc."""\n') != code_text("def g():\n    return 1\n")
+
+
+def test_code_text_of_a_docstring_only_function_equals_an_empty_one():
+    assert code_text('def g():\n    """Doc."""\n') == code_text("def g():\n    pass\n")
